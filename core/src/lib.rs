@@ -1,0 +1,12 @@
+//! holdfast's shared library.
+//!
+//! - [`csi`]: the CSI v1 gRPC bindings, generated at build time from `proto/csi.proto`.
+//! - [`lease`]: the lease protocol — sessions, claims, fencing epochs and the acquire
+//!   decision — as pure code, plus the client that drives it against a store.
+//! - [`store`]: the [`store::LeaseStore`] trait and its backends (memory, etcd, kubernetes).
+//! - [`clock`]: the one clock the protocol trusts (CLOCK_BOOTTIME).
+
+pub mod clock;
+pub mod csi;
+pub mod lease;
+pub mod store;

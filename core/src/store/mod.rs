@@ -1,0 +1,78 @@
+//! Where the lease protocol keeps its records.
+//!
+//! The [`LeaseStore`] trait is deliberately dumb: get, list, and compare-and-swap puts
+//! and deletes. Every write names the version it expects (or `None` for "must not
+//! exist yet"); there are no blind writes, so two writers racing on one record can never
+//! both win. Stores decode and validate what they read: a record that does not parse is
+//! a [`StoreError::Malformed`], never a missing (free) one.
+
+use async_trait::async_trait;
+
+use crate::lease::{ClaimRecord, NodeFence, SessionKey, SessionRecord};
+
+/// A store's version of one record (etcd mod revision, Kubernetes resourceVersion, a
+/// counter in memory). Opaque: only compared for equality.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Version(pub String);
+
+/// A record as read, with the version a conditional write must name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub version: Version,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The record changed (or exists, or is gone) since the version the writer named.
+    #[error("conflict on {key}: the record changed since it was read")]
+    Conflict { key: String },
+    /// The store could not be reached or did not answer in time.
+    #[error("lease store unavailable: {0}")]
+    Unavailable(String),
+    /// The stored bytes are not a valid record. Never treated as a free claim.
+    #[error("malformed record at {key}: {reason}")]
+    Malformed { key: String, reason: String },
+    /// Anything else the backend reported.
+    #[error("lease store error: {0}")]
+    Backend(String),
+}
+
+/// Compare-and-swap storage for sessions, claims and node fences.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + 'static {
+    /// A short name for logs and metrics: "memory", "etcd", "kubernetes".
+    fn kind(&self) -> &'static str;
+
+    async fn get_session(&self, key: &SessionKey)
+        -> Result<Option<Versioned<SessionRecord>>, StoreError>;
+    /// Every session of one node (all instances).
+    async fn list_sessions(&self, node: &str)
+        -> Result<Vec<Versioned<SessionRecord>>, StoreError>;
+    /// Creates (`expected == None`) or replaces (`expected == Some(v)`) a session.
+    async fn put_session(
+        &self,
+        record: &SessionRecord,
+        expected: Option<&Version>,
+    ) -> Result<Version, StoreError>;
+    async fn delete_session(&self, key: &SessionKey, expected: &Version)
+        -> Result<(), StoreError>;
+
+    async fn get_claim(&self, volume_id: &str)
+        -> Result<Option<Versioned<ClaimRecord>>, StoreError>;
+    async fn list_claims(&self) -> Result<Vec<Versioned<ClaimRecord>>, StoreError>;
+    async fn put_claim(
+        &self,
+        record: &ClaimRecord,
+        expected: Option<&Version>,
+    ) -> Result<Version, StoreError>;
+    async fn delete_claim(&self, volume_id: &str, expected: &Version) -> Result<(), StoreError>;
+
+    async fn get_fence(&self, node: &str) -> Result<Option<Versioned<NodeFence>>, StoreError>;
+    async fn put_fence(
+        &self,
+        record: &NodeFence,
+        expected: Option<&Version>,
+    ) -> Result<Version, StoreError>;
+    async fn delete_fence(&self, node: &str, expected: &Version) -> Result<(), StoreError>;
+}
