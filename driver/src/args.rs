@@ -1,0 +1,294 @@
+//! The node plugin's command line: one clap-derive [`Args`] struct (every flag has an
+//! environment fallback, for DaemonSet manifests) and [`Args::resolve`], which checks the
+//! combination and fills in mode-dependent defaults, producing the [`Config`] the
+//! plugin runs with.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArgsError {
+    #[error("--endpoint {0:?}: expected unix:///absolute/path (or an absolute path)")]
+    Endpoint(String),
+    #[error("--node-id (or HOLDFAST_NODE_ID / KUBE_NODE_NAME) is required unless --standalone")]
+    MissingNodeId,
+    #[error("--node-id must not be empty")]
+    EmptyNodeId,
+    #[error("--backend-root {0:?} must be an absolute path")]
+    BackendRoot(PathBuf),
+    #[error("--state-dir {0:?} must be an absolute path")]
+    StateDir(PathBuf),
+    #[error("--lease-margin ({margin:?}) must be shorter than --lease-duration ({duration:?})")]
+    Margin {
+        margin: Duration,
+        duration: Duration,
+    },
+    #[error("the hostname could not be read for the default --node-id: {0}")]
+    Hostname(String),
+}
+
+/// Where claims and sessions are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LeaseStoreKind {
+    /// In this process only: for --standalone demos and tests.
+    Memory,
+    /// An etcd cluster.
+    Etcd,
+    /// coordination.k8s.io/v1 Lease objects (the in-cluster default).
+    Kubernetes,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// holdfast node plugin: serves the CSI Identity and Node services on a unix socket and
+/// keeps every published volume usable by exactly one pod at a time.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "holdfast-driver", version)]
+pub struct Args {
+    /// CSI endpoint to listen on: unix:///path/to/socket. The socket file is replaced at
+    /// start and removed at graceful stop.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+
+    /// This node's name as the CO knows it (Kubernetes: the Node object's name). Falls
+    /// back to KUBE_NODE_NAME. Required unless --standalone, where it defaults to the
+    /// hostname.
+    #[arg(long, env = "HOLDFAST_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Shared directory holding every volume (same path on every node: NFS, CephFS, or a
+    /// local directory for one-machine setups). Volumes live in <root>/volumes/<id>.
+    #[arg(long, env = "HOLDFAST_BACKEND_ROOT")]
+    pub backend_root: PathBuf,
+
+    /// Node-local directory for the plugin's own state and lock files.
+    #[arg(long, env = "HOLDFAST_STATE_DIR", default_value = "/var/lib/holdfast")]
+    pub state_dir: PathBuf,
+
+    /// Where volume claims and node sessions are kept. Default: memory with
+    /// --standalone, kubernetes otherwise.
+    #[arg(long, env = "HOLDFAST_LEASE_STORE", value_enum)]
+    pub lease_store: Option<LeaseStoreKind>,
+
+    /// Session lease duration D: the node renews every D/3; another node may take a
+    /// volume over only after seeing the session unrenewed for longer than D plus the
+    /// margin. Units: ms, s, m (e.g. 500ms, 15s).
+    #[arg(long, env = "HOLDFAST_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+
+    /// Safety margin: a holder stops all I/O once its last proven renewal is older than
+    /// D minus this margin, and acquirers wait D plus this margin. Must be below D.
+    #[arg(long, env = "HOLDFAST_LEASE_MARGIN", default_value = "5s", value_parser = parse_duration)]
+    pub lease_margin: Duration,
+
+    /// Log filter (tracing EnvFilter syntax: "info", "holdfast_driver=debug,info").
+    #[arg(long, env = "HOLDFAST_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log line format.
+    #[arg(long, env = "HOLDFAST_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// One-process mode for demos and tests: serves Identity, Controller and Node on the
+    /// one socket, with an in-memory lease store. Not for clusters of more than one node.
+    #[arg(long, env = "HOLDFAST_STANDALONE")]
+    pub standalone: bool,
+}
+
+/// The checked configuration the plugin runs with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub node_id: String,
+    pub backend_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub lease_store: LeaseStoreKind,
+    pub lease_duration: Duration,
+    pub lease_margin: Duration,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub standalone: bool,
+}
+
+impl Args {
+    /// Checks the flags and fills in defaults. `kube_node_name` is the KUBE_NODE_NAME
+    /// fallback and `hostname` the standalone default (passed in so this stays pure).
+    pub fn resolve(
+        self,
+        kube_node_name: Option<String>,
+        hostname: impl FnOnce() -> Result<String, String>,
+    ) -> Result<Config, ArgsError> {
+        let socket = socket_path(&self.endpoint)?;
+        let node_id = match (self.node_id.or(kube_node_name), self.standalone) {
+            (Some(id), _) => id,
+            (None, true) => hostname().map_err(ArgsError::Hostname)?,
+            (None, false) => return Err(ArgsError::MissingNodeId),
+        };
+        if node_id.trim().is_empty() {
+            return Err(ArgsError::EmptyNodeId);
+        }
+        if !self.backend_root.is_absolute() {
+            return Err(ArgsError::BackendRoot(self.backend_root));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(ArgsError::StateDir(self.state_dir));
+        }
+        if self.lease_margin >= self.lease_duration {
+            return Err(ArgsError::Margin {
+                margin: self.lease_margin,
+                duration: self.lease_duration,
+            });
+        }
+        let default_store = if self.standalone {
+            LeaseStoreKind::Memory
+        } else {
+            LeaseStoreKind::Kubernetes
+        };
+        Ok(Config {
+            socket,
+            node_id,
+            backend_root: self.backend_root,
+            state_dir: self.state_dir,
+            lease_store: self.lease_store.unwrap_or(default_store),
+            lease_duration: self.lease_duration,
+            lease_margin: self.lease_margin,
+            log_level: self.log_level,
+            log_format: self.log_format,
+            standalone: self.standalone,
+        })
+    }
+}
+
+/// `unix:///a/b` (or `unix:/a/b`, or `/a/b`) → `/a/b`.
+fn socket_path(endpoint: &str) -> Result<PathBuf, ArgsError> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .unwrap_or(endpoint);
+    if !path.starts_with('/') || path.len() < 2 {
+        return Err(ArgsError::Endpoint(endpoint.to_string()));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// `250ms`, `15s`, `2m`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number followed by ms, s or m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return Err(format!("{text:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["holdfast-driver", "--backend-root", "/srv/holdfast"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    fn no_host() -> Result<String, String> {
+        Err("no hostname".into())
+    }
+
+    #[test]
+    fn defaults_for_a_cluster_node() {
+        let config = args(&["--node-id", "n1"]).resolve(None, no_host).unwrap();
+        assert_eq!(config.socket, PathBuf::from("/csi/csi.sock"));
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/holdfast"));
+        assert_eq!(config.lease_store, LeaseStoreKind::Kubernetes);
+        assert_eq!(config.lease_duration, Duration::from_secs(15));
+        assert!(!config.standalone);
+    }
+
+    #[test]
+    fn node_id_is_required_outside_standalone() {
+        assert_eq!(
+            args(&[]).resolve(None, no_host).unwrap_err(),
+            ArgsError::MissingNodeId
+        );
+        let config = args(&[]).resolve(Some("kube-n".into()), no_host).unwrap();
+        assert_eq!(config.node_id, "kube-n");
+        // The explicit flag wins over KUBE_NODE_NAME.
+        let config = args(&["--node-id", "n1"])
+            .resolve(Some("kube-n".into()), no_host)
+            .unwrap();
+        assert_eq!(config.node_id, "n1");
+    }
+
+    #[test]
+    fn standalone_defaults_to_hostname_and_memory_store() {
+        let config = args(&["--standalone"])
+            .resolve(None, || Ok("box".into()))
+            .unwrap();
+        assert_eq!(config.node_id, "box");
+        assert_eq!(config.lease_store, LeaseStoreKind::Memory);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let err = args(&["--node-id", "n", "--endpoint", "tcp://x:1"])
+            .resolve(None, no_host)
+            .unwrap_err();
+        assert!(matches!(err, ArgsError::Endpoint(_)));
+        let err = args(&[
+            "--node-id",
+            "n",
+            "--lease-duration",
+            "5s",
+            "--lease-margin",
+            "5s",
+        ])
+        .resolve(None, no_host)
+        .unwrap_err();
+        assert!(matches!(err, ArgsError::Margin { .. }));
+        assert!(Args::try_parse_from(["holdfast-driver", "--node-id", "n"]).is_err());
+        assert!(Args::try_parse_from([
+            "holdfast-driver",
+            "--backend-root",
+            "/r",
+            "--lease-store",
+            "zookeeper"
+        ])
+        .is_err());
+        assert_eq!(
+            args(&["--node-id", " "])
+                .resolve(None, no_host)
+                .unwrap_err(),
+            ArgsError::EmptyNodeId
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}
