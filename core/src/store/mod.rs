@@ -5,10 +5,30 @@
 //! exist yet"); there are no blind writes, so two writers racing on one record can never
 //! both win. Stores decode and validate what they read: a record that does not parse is
 //! a [`StoreError::Malformed`], never a missing (free) one.
+//!
+//! Semantics every backend shares (checked by the conformance suite in
+//! `testkit::conformance`):
+//! - put with `None` on a present record, or with `Some(v)` on an absent record or one
+//!   whose version is not `v` → [`StoreError::Conflict`];
+//! - delete of an absent record → [`StoreError::Conflict`] (the writer expected it at a
+//!   version; callers wanting idempotent deletes re-read and treat "absent" as done);
+//! - every successful write returns a version never returned before for that record,
+//!   even across delete and re-create;
+//! - a write that fails with [`StoreError::Unavailable`] (timeout, lost connection) may
+//!   or may not have been applied: re-read before deciding anything from it;
+//! - a list that meets a malformed record fails with `Malformed`; it never skips it.
+//!
+//! Backends: [`memory`], [`etcd`], [`kubernetes`]; [`codec`] holds the record encoding
+//! and validation they share.
 
 use async_trait::async_trait;
 
 use crate::lease::{ClaimRecord, NodeFence, SessionKey, SessionRecord};
+
+pub mod codec;
+pub mod memory;
+
+pub use memory::MemoryStore;
 
 /// A store's version of one record (etcd mod revision, Kubernetes resourceVersion, a
 /// counter in memory). Opaque: only compared for equality.
@@ -44,22 +64,24 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// A short name for logs and metrics: "memory", "etcd", "kubernetes".
     fn kind(&self) -> &'static str;
 
-    async fn get_session(&self, key: &SessionKey)
-        -> Result<Option<Versioned<SessionRecord>>, StoreError>;
+    async fn get_session(
+        &self,
+        key: &SessionKey,
+    ) -> Result<Option<Versioned<SessionRecord>>, StoreError>;
     /// Every session of one node (all instances).
-    async fn list_sessions(&self, node: &str)
-        -> Result<Vec<Versioned<SessionRecord>>, StoreError>;
+    async fn list_sessions(&self, node: &str) -> Result<Vec<Versioned<SessionRecord>>, StoreError>;
     /// Creates (`expected == None`) or replaces (`expected == Some(v)`) a session.
     async fn put_session(
         &self,
         record: &SessionRecord,
         expected: Option<&Version>,
     ) -> Result<Version, StoreError>;
-    async fn delete_session(&self, key: &SessionKey, expected: &Version)
-        -> Result<(), StoreError>;
+    async fn delete_session(&self, key: &SessionKey, expected: &Version) -> Result<(), StoreError>;
 
-    async fn get_claim(&self, volume_id: &str)
-        -> Result<Option<Versioned<ClaimRecord>>, StoreError>;
+    async fn get_claim(
+        &self,
+        volume_id: &str,
+    ) -> Result<Option<Versioned<ClaimRecord>>, StoreError>;
     async fn list_claims(&self) -> Result<Vec<Versioned<ClaimRecord>>, StoreError>;
     async fn put_claim(
         &self,
