@@ -1,0 +1,248 @@
+//! Test harness shared by the driver's black-box suites: runs the REAL `holdfast-driver`
+//! binary as a child process and talks CSI to it over its real unix socket.
+//!
+//! API:
+//! - [`Plugin::start_standalone`] — a fresh `--standalone` plugin (Identity + Controller +
+//!   Node, in-memory lease store) in its own temp dir; returns once the socket accepts
+//!   connections. [`Plugin::start_standalone_with`] adds extra flags.
+//! - [`Plugin::channel`] — a tonic [`Channel`] to the socket (build any CSI client on it).
+//! - [`Plugin::kill`] — SIGKILL (a crash: mounts stay, the socket file stays).
+//! - [`Plugin::stop_sigterm`] — SIGTERM and wait for a graceful exit; returns its status.
+//! - [`Plugin::restart`] — SIGKILL the process if it still runs, then start the binary
+//!   again with the same flags, backend root and state dir.
+//! - [`Plugin::target`] — a fresh publish target path whose parent exists (the CO's job)
+//!   and the target itself does not (the plugin's job).
+//! - [`Plugin::logs`] — everything the plugin wrote to stdout/stderr so far.
+//!
+//! Layout under `plugin.tmp`: `csi.sock`, `backend/` (`plugin.root`), `state/`,
+//! `targets/`, `plugin.log`. Dropping the [`Plugin`] SIGKILLs the process, then lazily
+//! unmounts every mount under the temp dir (deepest first), so a failing test never
+//! leaves a mount behind, and only then removes the directory.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use holdfast_driver::mount::{self, DetachPolicy, MountTable};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a plugin may take to open its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a SIGTERM'd plugin may take to exit.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The node id every harness plugin uses.
+pub const NODE_ID: &str = "harness-node";
+
+pub struct Plugin {
+    /// The CSI socket path.
+    pub socket: PathBuf,
+    /// The backend root (`--backend-root`).
+    pub root: PathBuf,
+    /// The node-local state dir (`--state-dir`).
+    pub state_dir: PathBuf,
+    /// Owns everything above; removed on drop after the mounts under it are gone.
+    pub tmp: tempfile::TempDir,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+    next_target: AtomicU64,
+}
+
+impl Plugin {
+    /// Starts `holdfast-driver --standalone` in a new temp dir.
+    pub async fn start_standalone() -> Plugin {
+        Self::start_standalone_with(&[]).await
+    }
+
+    /// Like [`Plugin::start_standalone`], with extra command-line flags.
+    pub async fn start_standalone_with(extra_args: &[&str]) -> Plugin {
+        let tmp = tempfile::Builder::new()
+            .prefix("holdfast-driver-test-")
+            .tempdir()
+            .expect("create temp dir");
+        // Canonical, so paths compare equal to the ones in the mount table.
+        let base = tmp.path().canonicalize().expect("canonicalize temp dir");
+        let root = base.join("backend");
+        let state_dir = base.join("state");
+        for dir in [&root, &state_dir, &base.join("targets")] {
+            std::fs::create_dir_all(dir).expect("create harness dir");
+        }
+        let mut plugin = Plugin {
+            socket: base.join("csi.sock"),
+            root,
+            state_dir,
+            tmp,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            next_target: AtomicU64::new(0),
+        };
+        plugin.spawn().await;
+        plugin
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.tmp.path().join("plugin.log")
+    }
+
+    async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "plugin already running");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open plugin log");
+        let child = Command::new(env!("CARGO_BIN_EXE_holdfast-driver"))
+            .arg("--standalone")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.socket.display()))
+            .arg("--node-id")
+            .arg(NODE_ID)
+            .arg("--backend-root")
+            .arg(&self.root)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--log-level")
+            .arg("debug")
+            .args(&self.extra_args)
+            .env_remove("CSI_ENDPOINT")
+            .env_remove("KUBE_NODE_NAME")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn holdfast-driver");
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if tokio::net::UnixStream::connect(&self.socket).await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!(
+                    "holdfast-driver exited before serving ({status}):\n{}",
+                    self.logs()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "holdfast-driver did not open {} within {START_TIMEOUT:?}:\n{}",
+                    self.socket.display(),
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A channel to the plugin's socket. Connects eagerly, so an error here means the
+    /// plugin is not serving.
+    pub async fn channel(&self) -> Channel {
+        let socket = self.socket.clone();
+        // The URI is required by tonic but unused: every connection goes to the socket.
+        Endpoint::from_static("http://holdfast.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(socket).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }))
+            .await
+            .expect("connect to the plugin socket")
+    }
+
+    /// The running process id, if any.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: the process dies as in a crash; its mounts and socket file stay.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL and panic after [`STOP_TIMEOUT`]).
+    pub async fn stop_sigterm(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("plugin is not running");
+        let pid = rustix::process::Pid::from_child(&child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for plugin") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "holdfast-driver ignored SIGTERM for {STOP_TIMEOUT:?}:\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the process if it still runs, and starts it again on the same dirs.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    /// A fresh target path under `targets/`: its parent exists, it does not.
+    pub fn target(&self) -> PathBuf {
+        let n = self.next_target.fetch_add(1, Ordering::Relaxed);
+        let parent = self.tmp.path().join("targets").join(format!("pod-{n}"));
+        std::fs::create_dir_all(&parent).expect("create target parent");
+        parent
+            .canonicalize()
+            .expect("canonicalize target parent")
+            .join("mount")
+    }
+
+    /// What the plugin logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+/// Lazily unmounts every mount at or below `dir`, deepest first, until none is left.
+pub fn sweep_mounts(dir: &Path) {
+    for _ in 0..100 {
+        let Ok(table) = MountTable::read() else {
+            return;
+        };
+        let mut below: Vec<PathBuf> = table
+            .entries()
+            .iter()
+            .map(|m| m.mount_point.clone())
+            .filter(|p| p.starts_with(dir))
+            .collect();
+        if below.is_empty() {
+            return;
+        }
+        below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for path in below {
+            let _ = mount::unmount(&path, DetachPolicy::IfBusy);
+        }
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.kill();
+        if let Ok(base) = self.tmp.path().canonicalize() {
+            sweep_mounts(&base);
+        }
+    }
+}
