@@ -81,12 +81,9 @@ impl VolumeGate {
 
     /// Stops the volume for good. The first cause is kept.
     pub fn fence(&self, cause: FenceCause) {
-        let _ = self.fenced.compare_exchange(
-            0,
-            cause_code(cause),
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        let _ =
+            self.fenced
+                .compare_exchange(0, cause_code(cause), Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Why the volume is stopped, if it is: fenced, or its session past its deadline.

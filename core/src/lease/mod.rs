@@ -2,6 +2,13 @@
 //!
 //! - [`types`]: the records kept in the store (sessions, claims, node fences).
 //! - [`gate`]: the cheap "may I still write?" check the data path makes.
+//! - [`params`]: D, ε and margin, and the check that keeps the windows disjoint.
+//! - [`decide`]: the pure acquire / release / fence / status decisions.
+//! - [`session`]: pure renewal bookkeeping and predecessor-death proofs.
+//! - [`flow`]: one acquire attempt as an I/O-free step machine.
+//! - [`node_lock`]: the per-instance flock that proves a same-boot predecessor dead.
+//! - [`client`]: [`SessionLease`], the async shell that drives all of it against a
+//!   [`crate::store::LeaseStore`]; [`fence`]: fencing a whole node.
 //!
 //! Everything that decides (may this pod take the claim? may this holder still write?)
 //! is pure: it takes the records and a reading of [`crate::clock::Mono`] as arguments
@@ -14,3 +21,17 @@ pub use types::{ClaimRecord, ClaimState, Epoch, Holder, NodeFence, SessionKey, S
 pub mod gate;
 
 pub use gate::{FenceCause, SessionDeadline, VolumeGate};
+
+pub mod decide;
+pub mod error;
+pub mod flow;
+pub mod identity;
+pub mod node_lock;
+pub mod params;
+pub mod session;
+
+pub use decide::{ClaimStatus, Observations, SessionObserver, SessionView};
+pub use error::LeaseError;
+pub use flow::Grant;
+pub use identity::NodeIdentity;
+pub use params::{InvalidParams, LeaseParams};
