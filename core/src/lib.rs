@@ -4,9 +4,12 @@
 //! - [`lease`]: the lease protocol — sessions, claims, fencing epochs and the acquire
 //!   decision — as pure code, plus the client that drives it against a store.
 //! - [`store`]: the [`store::LeaseStore`] trait and its backends (memory, etcd, kubernetes).
+//! - `testkit` (feature `testkit`): a real etcd for tests and the store conformance suite.
 //! - [`clock`]: the one clock the protocol trusts (CLOCK_BOOTTIME).
 
 pub mod clock;
 pub mod csi;
 pub mod lease;
 pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;

@@ -26,8 +26,10 @@ use async_trait::async_trait;
 use crate::lease::{ClaimRecord, NodeFence, SessionKey, SessionRecord};
 
 pub mod codec;
+pub mod etcd;
 pub mod memory;
 
+pub use etcd::{EtcdStore, EtcdStoreConfig};
 pub use memory::MemoryStore;
 
 /// A store's version of one record (etcd mod revision, Kubernetes resourceVersion, a

@@ -1,0 +1,9 @@
+//! Test harnesses shared by every crate's tests (cargo feature `testkit`):
+//!
+//! - [`etcd`]: [`etcd::EtcdServer`], a real etcd process on free loopback ports, with
+//!   pause / resume / kill for fault tests.
+//! - [`conformance`]: the behaviour every [`crate::store::LeaseStore`] must show, as one
+//!   suite: `conformance::run(store).await`.
+
+pub mod conformance;
+pub mod etcd;
