@@ -233,8 +233,14 @@ def check_safety_properties(docs, values, variant):
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
         check(mounts.get("backend") == backend_path, f"{where}: {c['name']} mounts the backend elsewhere")
         check(sum(v["name"] == "backend" for v in pod["volumes"]) == 1, f"{where}: one backend volume")
-    lease_flags = lambda args: sorted(a for a in args if a.startswith(("--lease-", "--etcd-", "--log-")))
-    check(lease_flags(plugin["args"]) == lease_flags(controller["args"]), f"{where}: lease flags differ")
+    lease_flags = lambda c: sorted(a for a in c["args"] if a.startswith(("--lease-", "--log-")))
+    check(lease_flags(plugin) == lease_flags(controller), f"{where}: lease flags differ")
+    lease_env = lambda c: sorted((e["name"], e["value"]) for e in c["env"] if e["name"].startswith("HOLDFAST_"))
+    check(lease_env(plugin) == lease_env(controller), f"{where}: lease settings in env differ")
+    store = values.get("leaseStore", {}).get("type", "kubernetes")
+    names = {name for name, _ in lease_env(plugin)}
+    wanted = {"kubernetes": "HOLDFAST_LEASE_NAMESPACE", "etcd": "HOLDFAST_ETCD_ENDPOINTS"}[store]
+    check(wanted in names and "HOLDFAST_LEASE_EPSILON" in names, f"{where}: {wanted} not set for the {store} store")
     for sidecar in ("csi-provisioner", "csi-attacher", "csi-resizer"):
         check("--leader-election" in container(ctrl, sidecar)["args"], f"{where}: {sidecar} without leader election")
 

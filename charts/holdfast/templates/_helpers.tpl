@@ -53,26 +53,34 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-Lease store and timing flags, identical for controller and node plugin: both must agree
-on when a session counts as expired.
+Lease store and timing settings, identical for controller and node plugin: both must
+agree on when a session counts as expired. Flags for what both binaries take on the
+command line; environment variables (the binaries' fallback for every flag) for the
+store's location.
 */}}
 {{- define "holdfast.leaseArgs" -}}
 - --lease-store={{ .Values.leaseStore.type }}
+- --lease-duration={{ .Values.lease.duration }}
+- --lease-margin={{ .Values.lease.margin }}
+- --log-format={{ .Values.logFormat }}
+- --log-level={{ .Values.logLevel }}
+{{- end }}
+
+{{- define "holdfast.leaseEnv" -}}
 {{- if eq .Values.leaseStore.type "kubernetes" }}
-- --lease-namespace={{ include "holdfast.leaseNamespace" . }}
+- name: HOLDFAST_LEASE_NAMESPACE
+  value: {{ include "holdfast.leaseNamespace" . | quote }}
 {{- else if eq .Values.leaseStore.type "etcd" }}
 {{- if not .Values.leaseStore.etcd.endpoints }}
 {{- fail "leaseStore.etcd.endpoints must list at least one etcd URL when leaseStore.type is etcd" }}
 {{- end }}
-- --etcd-endpoints={{ join "," .Values.leaseStore.etcd.endpoints }}
+- name: HOLDFAST_ETCD_ENDPOINTS
+  value: {{ join "," .Values.leaseStore.etcd.endpoints | quote }}
 {{- else }}
 {{- fail (printf "leaseStore.type must be kubernetes or etcd, not %q" .Values.leaseStore.type) }}
 {{- end }}
-- --lease-duration={{ .Values.lease.duration }}
-- --lease-margin={{ .Values.lease.margin }}
-- --lease-epsilon={{ .Values.lease.epsilon }}
-- --log-format={{ .Values.logFormat }}
-- --log-level={{ .Values.logLevel }}
+- name: HOLDFAST_LEASE_EPSILON
+  value: {{ .Values.lease.epsilon | quote }}
 {{- end }}
 
 {{/* The backend root volume, mounted at the same path by controller and node plugin. */}}

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Prepares this machine for holdfast's tests and demo. Idempotent and quiet: it installs
+# only what is missing and says what it did.
+#
+#   scripts/setup.sh                  system packages and the FUSE device
+#   scripts/setup.sh --deploy-check   also the Python tools that render and validate the
+#                                     Helm chart offline (a venv under target/)
+#
+# The tests mount FUSE and bind mounts and create network namespaces, so they run as
+# root; this script needs root only when something must be installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEPLOY_CHECK_VENV="${HOLDFAST_DEPLOY_CHECK_VENV:-$PWD/target/deploy-check-venv}"
+# Pinned so that the chart is rendered by the same Helm version everywhere.
+DEPLOY_CHECK_PACKAGES=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.3)
+
+log() { echo "setup: $*"; }
+
+apt_updated=false
+apt_install() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: need root to install $* (run as root, or install them yourself)" >&2
+        exit 1
+    fi
+    local out
+    out="$(mktemp)"
+    log "installing $*"
+    # apt's chatter is shown only when it fails.
+    if { $apt_updated || apt-get update -qq; } >"$out" 2>&1 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >>"$out" 2>&1; then
+        apt_updated=true
+        rm -f "$out"
+    else
+        cat "$out" >&2
+        rm -f "$out"
+        echo "setup: could not install $*" >&2
+        exit 1
+    fi
+}
+
+# fusermount3 is not used by the driver (it mounts with mount(2)), but fuse3 brings the
+# udev rule and tools that make /dev/fuse usable and debuggable.
+command -v fusermount3 >/dev/null || apt_install fuse3
+# Network namespaces for the end-to-end tests' partitions.
+command -v ip >/dev/null || apt_install iproute2
+
+if [ ! -c /dev/fuse ]; then
+    command -v modprobe >/dev/null || apt_install kmod
+    modprobe fuse 2>/dev/null || true
+    if [ ! -c /dev/fuse ] && [ "$(id -u)" -eq 0 ]; then
+        # The module may be built in while the device node is missing (some containers).
+        mknod -m 0666 /dev/fuse c 10 229 2>/dev/null || true
+    fi
+    [ -c /dev/fuse ] || { echo "setup: /dev/fuse is missing and could not be created" >&2; exit 1; }
+    log "created /dev/fuse"
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    log "warning: not root; the mount and namespace tests need root"
+fi
+
+if [ "${1:-}" = "--deploy-check" ]; then
+    if ! command -v python3 >/dev/null; then
+        apt_install python3 python3-venv
+    elif ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+        apt_install python3-venv
+    fi
+    if [ ! -x "$DEPLOY_CHECK_VENV/bin/python" ]; then
+        log "creating $DEPLOY_CHECK_VENV"
+        python3 -m venv "$DEPLOY_CHECK_VENV"
+    fi
+    if ! "$DEPLOY_CHECK_VENV/bin/python" -c 'import helm_python, kubernetes_validate, yaml' 2>/dev/null; then
+        log "installing ${DEPLOY_CHECK_PACKAGES[*]}"
+        # One retry: a registry hiccup should not fail a run.
+        "$DEPLOY_CHECK_VENV/bin/pip" install -q --disable-pip-version-check "${DEPLOY_CHECK_PACKAGES[@]}" ||
+            "$DEPLOY_CHECK_VENV/bin/pip" install -q --disable-pip-version-check "${DEPLOY_CHECK_PACKAGES[@]}"
+    fi
+fi

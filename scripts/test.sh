@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Everything CI checks, in the order that fails fastest: set-up, formatting, lints, the
+# Helm chart and manifests, then every test of the workspace. Run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/setup.sh --deploy-check
+venv="${HOLDFAST_DEPLOY_CHECK_VENV:-$PWD/target/deploy-check-venv}"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
+echo "== chart and manifests"
+"$venv/bin/python" scripts/deploy-check.py
+echo "== cargo test"
+cargo test --workspace --locked
