@@ -10,6 +10,7 @@
 pub mod clock;
 pub mod csi;
 pub mod lease;
+pub mod logging;
 pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
