@@ -22,16 +22,24 @@ pub mod gate;
 
 pub use gate::{FenceCause, SessionDeadline, VolumeGate};
 
+pub mod client;
 pub mod decide;
 pub mod error;
+pub mod fence;
 pub mod flow;
 pub mod identity;
 pub mod node_lock;
 pub mod params;
+pub mod recovery;
 pub mod session;
+pub mod session_lease;
 
+pub use client::LeaseClient;
 pub use decide::{ClaimStatus, Observations, SessionObserver, SessionView};
 pub use error::LeaseError;
+pub use fence::{fence_node, unfence_node, FenceReport};
 pub use flow::Grant;
 pub use identity::NodeIdentity;
 pub use params::{InvalidParams, LeaseParams};
+pub use recovery::RecoveryReport;
+pub use session_lease::{DataPaths, SessionLease, SessionOptions};
