@@ -7,6 +7,7 @@
 //! - `testkit` (feature `testkit`): a real etcd for tests and the store conformance suite.
 //! - [`clock`]: the one clock the protocol trusts (CLOCK_BOOTTIME).
 
+pub mod backend;
 pub mod clock;
 pub mod csi;
 pub mod lease;
