@@ -13,13 +13,20 @@
 - manifests/deploy/ is exactly the chart rendered with its defaults, and the examples
   agree with the chart's StorageClass.
 
-Usage: deploy-check.py            check, exit 1 on any failure
-       deploy-check.py --write    regenerate manifests/deploy/ from the chart, then check
+Usage: deploy-check.py                  check, exit 1 on any failure
+       deploy-check.py --write          regenerate manifests/deploy/ from the chart, then check
+       deploy-check.py --binaries DIR   also start DIR/holdfast-driver and
+                                        DIR/holdfast-controller with the flags and
+                                        environment the chart gives them, and fail if
+                                        either rejects its command line
 Needs: pip install helm-python-sdk kubernetes-validate pyyaml (scripts/test.sh does it).
 """
 
+import os
 import re
+import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -233,14 +240,17 @@ def check_safety_properties(docs, values, variant):
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
         check(mounts.get("backend") == backend_path, f"{where}: {c['name']} mounts the backend elsewhere")
         check(sum(v["name"] == "backend" for v in pod["volumes"]) == 1, f"{where}: one backend volume")
-    lease_flags = lambda c: sorted(a for a in c["args"] if a.startswith(("--lease-", "--log-")))
-    check(lease_flags(plugin) == lease_flags(controller), f"{where}: lease flags differ")
+    log_flags = lambda c: sorted(a for a in c["args"] if a.startswith(("--lease-", "--etcd-", "--log-")))
+    check(log_flags(plugin) == log_flags(controller), f"{where}: logging flags differ")
+    check(not [a for a in log_flags(plugin) if not a.startswith("--log-")],
+          f"{where}: lease settings belong in the shared environment block, not in flags")
     lease_env = lambda c: sorted((e["name"], e["value"]) for e in c["env"] if e["name"].startswith("HOLDFAST_"))
-    check(lease_env(plugin) == lease_env(controller), f"{where}: lease settings in env differ")
+    check(lease_env(plugin) == lease_env(controller), f"{where}: lease settings differ between controller and node")
     store = values.get("leaseStore", {}).get("type", "kubernetes")
     names = {name for name, _ in lease_env(plugin)}
-    wanted = {"kubernetes": "HOLDFAST_LEASE_NAMESPACE", "etcd": "HOLDFAST_ETCD_ENDPOINTS"}[store]
-    check(wanted in names and "HOLDFAST_LEASE_EPSILON" in names, f"{where}: {wanted} not set for the {store} store")
+    wanted = {"HOLDFAST_LEASE_STORE", "HOLDFAST_LEASE_DURATION", "HOLDFAST_LEASE_MARGIN", "HOLDFAST_LEASE_EPSILON",
+              {"kubernetes": "HOLDFAST_LEASE_NAMESPACE", "etcd": "HOLDFAST_ETCD_ENDPOINTS"}[store]}
+    check(wanted <= names, f"{where}: lease settings missing: {sorted(wanted - names)}")
     for sidecar in ("csi-provisioner", "csi-attacher", "csi-resizer"):
         check("--leader-election" in container(ctrl, sidecar)["args"], f"{where}: {sidecar} without leader election")
 
@@ -303,6 +313,42 @@ def check_examples_match_chart():
     check(sts["spec"]["replicas"] == 1, "the db example runs one replica")
 
 
+def check_binaries_accept_chart(binaries):
+    """The binaries parse what the chart passes them (flags and HOLDFAST_* variables).
+
+    Paths are moved into a temporary directory; without a cluster the processes then fail
+    at run time (or keep running until killed), which is fine. What fails the check is a
+    rejected command line: clap's usage exit code 2, or an error naming a flag.
+    """
+    for variant in ("defaults", "etcd lease store"):
+        docs = objects(render(VARIANTS[variant]))
+        pods = {"holdfast-driver": find(docs, "DaemonSet"), "holdfast-controller": find(docs, "Deployment")}
+        for name, workload in pods.items():
+            c = container(workload["spec"]["template"]["spec"], name)
+            with tempfile.TemporaryDirectory() as tmp:
+                env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "KUBE_NODE_NAME": "check-node",
+                       "POD_NAMESPACE": NAMESPACE}
+                env.update({e["name"]: e["value"] for e in c["env"] if "value" in e})
+                args = []
+                for arg in c["args"]:
+                    key, _, value = arg.partition("=")
+                    if key == "--endpoint":
+                        value = f"unix://{tmp}/csi.sock"
+                    elif key in ("--backend-root", "--state-dir"):
+                        value = f"{tmp}/{key[2:]}"
+                        os.makedirs(value)
+                    value = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], value)
+                    args.append(f"{key}={value}" if value else key)
+                command = [str(Path(binaries).resolve() / c["command"][0])] + args
+                try:
+                    done = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=5)
+                except subprocess.TimeoutExpired:
+                    continue  # still running: it accepted its configuration
+                first = (done.stderr.strip().splitlines() or [""])[0]
+                check(done.returncode != 2 and not re.match(r"^(error|Error): .*--[a-z]", first),
+                      f"{name} ({variant}) rejects the chart's command line {args}: {done.stderr.strip()[:400]}")
+
+
 CHECKS = [
     check_plain_yaml_parses,
     check_every_value_documented,
@@ -320,8 +366,13 @@ def main():
         for name, text in expected_deploy_files().items():
             (DEPLOY / name).write_text(text)
         print(f"wrote {DEPLOY.relative_to(ROOT)}/")
+    checks = list(CHECKS)
+    if "--binaries" in sys.argv[1:]:
+        binaries = sys.argv[sys.argv.index("--binaries") + 1]
+        checks.append(lambda: check_binaries_accept_chart(binaries))
+        checks[-1].__name__ = "check_binaries_accept_chart"
     passed, failed = 0, 0
-    for run in CHECKS:
+    for run in checks:
         try:
             run()
             passed += 1
@@ -331,7 +382,7 @@ def main():
             print(f"FAIL {run.__name__}: {e}")
         except Exception:
             failed += 1
-            print(f"FAIL {run.__name__}: unexpected error")
+            print(f"FAIL {run.__name__}: unexpected error", flush=True)
             traceback.print_exc()
     print(f"deploy-check: {passed} passed, {failed} failed")
     return 1 if failed else 0

@@ -52,21 +52,20 @@ app.kubernetes.io/component: {{ .component }}
 {{ .Values.leaseStore.namespace | default .Release.Namespace }}
 {{- end }}
 
-{{/*
-Lease store and timing settings, identical for controller and node plugin: both must
-agree on when a session counts as expired. Flags for what both binaries take on the
-command line; environment variables (the binaries' fallback for every flag) for the
-store's location.
-*/}}
-{{- define "holdfast.leaseArgs" -}}
-- --lease-store={{ .Values.leaseStore.type }}
-- --lease-duration={{ .Values.lease.duration }}
-- --lease-margin={{ .Values.lease.margin }}
+{{- define "holdfast.logArgs" -}}
 - --log-format={{ .Values.logFormat }}
 - --log-level={{ .Values.logLevel }}
 {{- end }}
 
+{{/*
+Lease store and timing, one block given verbatim to controller and node plugin: both
+must agree on when a session counts as expired. Passed as the environment variables
+that back the binaries' --lease-* flags, so a binary that does not use a setting
+ignores it instead of refusing to start.
+*/}}
 {{- define "holdfast.leaseEnv" -}}
+- name: HOLDFAST_LEASE_STORE
+  value: {{ .Values.leaseStore.type | quote }}
 {{- if eq .Values.leaseStore.type "kubernetes" }}
 - name: HOLDFAST_LEASE_NAMESPACE
   value: {{ include "holdfast.leaseNamespace" . | quote }}
@@ -79,6 +78,10 @@ store's location.
 {{- else }}
 {{- fail (printf "leaseStore.type must be kubernetes or etcd, not %q" .Values.leaseStore.type) }}
 {{- end }}
+- name: HOLDFAST_LEASE_DURATION
+  value: {{ .Values.lease.duration | quote }}
+- name: HOLDFAST_LEASE_MARGIN
+  value: {{ .Values.lease.margin | quote }}
 - name: HOLDFAST_LEASE_EPSILON
   value: {{ .Values.lease.epsilon | quote }}
 {{- end }}
