@@ -7,7 +7,8 @@
 //!   holder's session record is absent; or when the holder's session was seen unchanged
 //!   for `W` on *this* node's clock ([`SessionObserver`]) — and then only after deleting
 //!   exactly that session version;
-//! - taking a claim from anyone (or after a release/fence) writes `epoch + 1`;
+//! - taking a claim from anyone (or after a release/fence) writes `epoch + 1`, and so
+//!   does re-taking one's own claim after beginning to release it;
 //! - release and fence only act on the exact holder and epoch they name;
 //! - a stored epoch below one already seen is an error, never a free claim.
 //!
@@ -82,6 +83,8 @@ impl SessionObserver {
 pub struct Observations {
     pub sessions: SessionObserver,
     pub epochs: HashMap<String, Epoch>,
+    /// Per volume, the epoch this session last began releasing.
+    pub released: HashMap<String, Epoch>,
 }
 
 impl Observations {
@@ -109,6 +112,8 @@ pub enum TakeReason {
     Fenced,
     /// Same pod on the same node, through another session (plugin restarted).
     SamePod,
+    /// Same pod, same session, after this session released (or began releasing) it.
+    Reacquired,
     HolderNodeFenced,
     HolderSessionGone,
 }
@@ -136,18 +141,39 @@ pub enum AcquireDecision {
     Regressed { seen: Epoch, stored: Epoch },
 }
 
-/// Decides whether `me` may take `claim`. `holder_session` and `holder_node_fenced`
-/// describe the current holder (ignored unless the claim is held by someone else).
-pub fn decide_acquire(
-    volume_id: &str,
-    claim: Option<&ClaimRecord>,
-    holder_session: &SessionView,
-    holder_node_fenced: bool,
-    me: &Holder,
-    high_water: Option<Epoch>,
-    now: Mono,
-    params: &LeaseParams,
-) -> AcquireDecision {
+/// Everything [`decide_acquire`] looks at.
+#[derive(Clone, Debug)]
+pub struct AcquireInput<'a> {
+    pub volume_id: &'a str,
+    /// The claim as read (`None`: no record).
+    pub claim: Option<&'a ClaimRecord>,
+    /// The current holder's session, as this node observes it (ignored unless the
+    /// claim is held by someone else).
+    pub holder_session: &'a SessionView,
+    /// A fence record names the holder's node.
+    pub holder_node_fenced: bool,
+    pub me: &'a Holder,
+    /// The highest epoch this client has seen for the volume.
+    pub high_water: Option<Epoch>,
+    /// The epoch of this volume this very session last released (or began releasing).
+    /// A re-acquire after that must not reuse the epoch: a release still in flight
+    /// names it and would otherwise free the new grant.
+    pub released: Option<Epoch>,
+    pub now: Mono,
+}
+
+/// Decides whether `input.me` may take the claim.
+pub fn decide_acquire(input: &AcquireInput<'_>, params: &LeaseParams) -> AcquireDecision {
+    let AcquireInput {
+        volume_id,
+        claim,
+        holder_session,
+        holder_node_fenced,
+        me,
+        high_water,
+        released,
+        now,
+    } = *input;
     let take = |epoch: Epoch, reason| AcquireDecision::Take {
         claim: ClaimRecord {
             volume_id: volume_id.to_string(),
@@ -177,10 +203,13 @@ pub fn decide_acquire(
     }
     let holder = &claim.holder;
     if holder.node == me.node && holder.pod_uid == me.pod_uid {
-        if holder.instance == me.instance {
-            return AcquireDecision::AlreadyHeld { epoch: claim.epoch };
+        if holder.instance != me.instance {
+            return take(next, TakeReason::SamePod);
         }
-        return take(next, TakeReason::SamePod);
+        if released == Some(claim.epoch) {
+            return take(next, TakeReason::Reacquired);
+        }
+        return AcquireDecision::AlreadyHeld { epoch: claim.epoch };
     }
     if holder_node_fenced {
         return take(next, TakeReason::HolderNodeFenced);

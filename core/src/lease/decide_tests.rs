@@ -36,7 +36,18 @@ fn me() -> Holder {
 }
 
 fn decide(c: Option<&ClaimRecord>, view: &SessionView, fenced: bool, now: Mono) -> AcquireDecision {
-    decide_acquire("vol", c, view, fenced, &me(), None, now, &params())
+    let me = me();
+    let input = AcquireInput {
+        volume_id: "vol",
+        claim: c,
+        holder_session: view,
+        holder_node_fenced: fenced,
+        me: &me,
+        high_water: None,
+        released: None,
+        now,
+    };
+    decide_acquire(&input, &params())
 }
 
 fn taken(d: AcquireDecision) -> (ClaimRecord, TakeReason) {
@@ -54,16 +65,18 @@ fn free_claim_is_taken_at_epoch_one_or_above_the_high_water_mark() {
         (1, ClaimState::Held, TakeReason::Free)
     );
     assert_eq!((c.volume_id.as_str(), c.holder), ("vol", me()));
-    let d = decide_acquire(
-        "vol",
-        None,
-        &SessionView::Absent,
-        false,
-        &me(),
-        Some(7),
-        at(0),
-        &params(),
-    );
+    let me = me();
+    let input = AcquireInput {
+        volume_id: "vol",
+        claim: None,
+        holder_session: &SessionView::Absent,
+        holder_node_fenced: false,
+        me: &me,
+        high_water: Some(7),
+        released: None,
+        now: at(0),
+    };
+    let d = decide_acquire(&input, &params());
     assert_eq!(taken(d).0.epoch, 8);
 }
 
@@ -226,16 +239,18 @@ fn another_pod_on_our_own_session_never_times_out() {
 #[test]
 fn a_stored_epoch_below_the_high_water_mark_is_reported_not_taken() {
     let released = claim(holder("a", "pod-a", "ia"), ClaimState::Released, 4);
-    let d = decide_acquire(
-        "vol",
-        Some(&released),
-        &SessionView::Absent,
-        false,
-        &me(),
-        Some(6),
-        at(0),
-        &params(),
-    );
+    let me = me();
+    let input = AcquireInput {
+        volume_id: "vol",
+        claim: Some(&released),
+        holder_session: &SessionView::Absent,
+        holder_node_fenced: false,
+        me: &me,
+        high_water: Some(6),
+        released: None,
+        now: at(0),
+    };
+    let d = decide_acquire(&input, &params());
     assert_eq!(d, AcquireDecision::Regressed { seen: 6, stored: 4 });
     let mut obs = Observations::default();
     assert_eq!(obs.see_epoch("vol", 6), Ok(()));
@@ -296,4 +311,32 @@ fn claim_status_tells_held_released_fenced_superseded_and_regressed() {
     );
     assert_eq!(claim_status_of(Some(&held), &s, 7), Err(5));
     assert_eq!(claim_status_of(None, &s, 5), Ok(ClaimStatus::Missing));
+}
+
+#[test]
+fn reacquire_after_own_release_never_reuses_the_released_epoch() {
+    let mine = claim(me(), ClaimState::Held, 2);
+    let live = SessionView::Seen {
+        version: v("1"),
+        first_seen: at(0),
+    };
+    let me = me();
+    let mut input = AcquireInput {
+        volume_id: "vol",
+        claim: Some(&mine),
+        holder_session: &live,
+        holder_node_fenced: false,
+        me: &me,
+        high_water: None,
+        released: Some(2),
+        now: at(1),
+    };
+    // A release of epoch 2 may still land: the new grant must be epoch 3.
+    let (c, reason) = taken(decide_acquire(&input, &params()));
+    assert_eq!((c.epoch, reason), (3, TakeReason::Reacquired));
+    input.released = Some(1);
+    assert_eq!(
+        decide_acquire(&input, &params()),
+        AcquireDecision::AlreadyHeld { epoch: 2 }
+    );
 }

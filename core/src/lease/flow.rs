@@ -8,7 +8,9 @@
 //! the claim with a compare-and-swap on the version read.
 
 use crate::clock::Mono;
-use crate::lease::decide::{decide_acquire, AcquireDecision, Observations, SessionView};
+use crate::lease::decide::{
+    decide_acquire, AcquireDecision, AcquireInput, Observations, SessionView,
+};
 use crate::lease::{
     ClaimRecord, ClaimState, Epoch, Holder, LeaseError, LeaseParams, NodeFence, SessionKey,
     SessionRecord,
@@ -185,16 +187,17 @@ impl AcquireAttempt {
     ) -> Step {
         let claim = self.claim.as_ref().map(|c| &c.value);
         let high_water = seen.high_water(&self.volume_id);
-        let decision = decide_acquire(
-            &self.volume_id,
+        let input = AcquireInput {
+            volume_id: &self.volume_id,
             claim,
-            &view,
-            holder_fenced,
-            &self.me,
+            holder_session: &view,
+            holder_node_fenced: holder_fenced,
+            me: &self.me,
             high_water,
+            released: seen.released.get(&self.volume_id).copied(),
             now,
-            &self.params,
-        );
+        };
+        let decision = decide_acquire(&input, &self.params);
         match decision {
             AcquireDecision::Regressed { seen, stored } => fail(LeaseError::EpochRegressed {
                 volume: self.volume_id.clone(),
