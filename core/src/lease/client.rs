@@ -97,6 +97,11 @@ impl LeaseClient {
         volume_id: &str,
         epoch: Epoch,
     ) -> Result<(), LeaseError> {
+        // Remembered before anything is sent: this release may land at any later time,
+        // so a re-acquire of this volume must take a new epoch (see `AcquireInput`).
+        self.observations()
+            .released
+            .insert(volume_id.to_string(), epoch);
         for _ in 0..MAX_RACES {
             let Some(current) = self.store.get_claim(volume_id).await? else {
                 return Ok(());

@@ -345,3 +345,18 @@ async fn shutdown_deletes_the_session_only_when_data_paths_are_stopped() {
     b.shutdown(DataPaths::Stopped).await.unwrap();
     assert!(env.store.get_session(&key).await.unwrap().is_none());
 }
+
+/// NodeUnpublish's release failed (store down) and is retried later; meanwhile the
+/// same pod publishes again. The new grant must not be freed by the retried release.
+#[tokio::test]
+async fn a_retried_release_never_frees_a_later_grant_to_the_same_pod() {
+    let mut env = Env::new();
+    let a = env.start("a", 0, "boot").await;
+    assert_eq!(a.acquire("vol", "pod-a", None).await.unwrap().epoch, 1);
+    env.store.set_unavailable(true);
+    assert!(a.release("vol", 1).await.is_err());
+    env.store.set_unavailable(false);
+    assert_eq!(a.acquire("vol", "pod-a", None).await.unwrap().epoch, 2);
+    a.release("vol", 1).await.unwrap();
+    assert_eq!(a.claim_status("vol", 2).await.unwrap(), ClaimStatus::Held);
+}
