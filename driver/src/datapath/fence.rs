@@ -1,0 +1,129 @@
+//! The gate check every FUSE request makes first, and the watcher that drops the
+//! kernel's caches when the gate closes.
+//!
+//! [`Fence`] is shared by all worker threads; it owns the parking of frozen requests and
+//! the "unmounting" flag that releases them. The watcher thread is owned by
+//! [`super::mount::FuseVolume`] and only reads the gate.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use fuser::{Errno, INodeNo, Notifier};
+use holdfast_core::clock::Mono;
+use holdfast_core::lease::VolumeGate;
+
+use super::inodes::InodeTable;
+use super::FenceAction;
+
+/// How long a parked request sleeps between looks at the gate. The gate has no wake-up
+/// channel of its own; a fence never reopens, and a late renewal is rare, so polling is
+/// cheap and simple.
+const PARK_POLL: Duration = Duration::from_millis(20);
+
+pub(super) struct Fence {
+    gate: VolumeGate,
+    action: FenceAction,
+    /// Set once the volume is being unmounted: parked requests leave with `EIO`.
+    closing: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Fence {
+    pub fn new(gate: VolumeGate, action: FenceAction) -> Self {
+        Self {
+            gate,
+            action,
+            closing: Mutex::new(false),
+            wake: Condvar::new(),
+        }
+    }
+
+    /// The check made before every operation and again right before every mutating
+    /// syscall. `Ok` means the volume may be used now; `Err(EIO)` means it may not, or
+    /// is being unmounted. In freeze mode this blocks while the gate is closed.
+    pub fn pass(&self) -> Result<(), Errno> {
+        if self.gate.may_write() {
+            return Ok(());
+        }
+        match self.action {
+            FenceAction::Error => Err(Errno::EIO),
+            FenceAction::Freeze => self.park(),
+        }
+    }
+
+    fn park(&self) -> Result<(), Errno> {
+        let mut closing = self.closing.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if *closing {
+                return Err(Errno::EIO);
+            }
+            if self.gate.may_write() {
+                return Ok(());
+            }
+            closing = self
+                .wake
+                .wait_timeout(closing, PARK_POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Releases every parked request (with `EIO`) and makes later ones fail at once.
+    pub fn close(&self) {
+        *self.closing.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.wake.notify_all();
+    }
+
+    fn is_closing(&self) -> bool {
+        *self.closing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sleeps until the gate closes or the volume is unmounted, whichever comes first.
+    /// Returns true if the gate closed.
+    fn wait_for_stop(&self, poll: Duration) -> bool {
+        let mut closing = self.closing.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if *closing {
+                return false;
+            }
+            let now = Mono::now();
+            if self.gate.stopped_at(now).is_some() {
+                return true;
+            }
+            // Wake exactly at the session deadline, or after `poll` to see an explicit fence.
+            let until_deadline = self.gate.session().deadline().since(now);
+            let nap = poll.min(until_deadline).max(Duration::from_millis(1));
+            closing = self
+                .wake
+                .wait_timeout(closing, nap)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Runs until the gate closes, then invalidates the kernel's cached data and attributes
+/// of every inode the kernel knows, so that no read or stat of this volume is answered
+/// from the page cache after the fence. Returns when done or when the volume unmounts.
+pub(super) fn watch(
+    fence: Arc<Fence>,
+    inodes: Arc<InodeTable>,
+    notifier: Notifier,
+    poll: Duration,
+) {
+    if !fence.wait_for_stop(poll) {
+        return;
+    }
+    for ino in inodes.all() {
+        if fence.is_closing() {
+            return;
+        }
+        // Offset 0, length 0: every page of the inode, and its attributes. Dirty pages
+        // are written back first, as WRITEs the gate now refuses. ENOENT (inode already
+        // evicted) is ignored by the notifier; other errors only mean the connection is
+        // gone, after which nothing can be served from this mount anyway.
+        if notifier.inval_inode(INodeNo(ino), 0, 0).is_err() {
+            return;
+        }
+    }
+}

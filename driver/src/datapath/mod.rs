@@ -1,0 +1,182 @@
+//! The fenced FUSE data path: one published volume's backing directory served at the
+//! pod's target path, every operation gated by the volume's [`VolumeGate`].
+//!
+//! This module owns the FUSE mount, the daemon threads that serve it and every syscall on
+//! the backing directory made on a pod's behalf. Nothing else in the driver touches
+//! `/dev/fuse` or the backing files of a FUSE volume.
+//!
+//! # Fencing
+//!
+//! Every request checks the gate *first* ([`fence::Fence::pass`]). When the volume is
+//! stopped (fenced, or its session past its deadline on CLOCK_BOOTTIME):
+//! - [`FenceAction::Error`]: the request gets `EIO`;
+//! - [`FenceAction::Freeze`]: the worker thread parks the request without replying until
+//!   the gate opens again or the volume is unmounted (then `EIO`). The caller sits in an
+//!   uninterruptible wait, like on a hard NFS mount.
+//!
+//! A fence-watcher thread also notices the stop within [`FuseOptions::fence_poll`] (at the
+//! session deadline exactly) and invalidates the kernel's cached pages and attributes of
+//! every inode, so that later reads and stats go to the daemon and fail too instead of
+//! being answered from the page cache.
+//!
+//! *The kernel page cache.* With the writeback cache a `write(2)` is acknowledged once it
+//! is in the FUSE page cache; the data reaches the daemon later as a `WRITE` request,
+//! which the gate refuses after the fence. Data not fsync'd before the fence is therefore
+//! lost, and the loss is reported by `fsync`/`close` as `EIO`: correct for a holder that
+//! lost its claim, and the same contract as any local filesystem (only fsync'd data is
+//! promised). Data whose `fsync` returned success went through the gate and the backing
+//! `fsync` before the fence, and is safe. Memory-mapped pages can still be read and
+//! dirtied in memory after a fence; their write-back is refused like any other write.
+//!
+//! *Paused daemon.* The gate reads CLOCK_BOOTTIME, which keeps counting while the process
+//! is stopped, so a daemon woken after its deadline refuses every request it dequeues.
+//!
+//! *Residual window.* A `WRITE` re-checks the gate immediately before its `pwrite(2)`
+//! (and `fsync`, `fallocate`, `setattr` immediately before their syscalls). A thread that
+//! passed that check and is then paused (SIGSTOP, preemption, VM pause) before the
+//! syscall enters the kernel still performs that one syscall when it resumes, possibly
+//! after the deadline: at most one in-flight mutation per worker thread (each at most
+//! `max_write` bytes). No check in user space can close this window; the epoch written
+//! on the storage (the protocol's second channel) is what lets the next holder detect it.
+//!
+//! *Process death.* The mount is made with mount(2) directly (no fusermount, no
+//! auto-unmount helper). When the serving process dies the kernel closes `/dev/fuse`,
+//! aborts the connection, and every later operation on the mount fails with `ENOTCONN`.
+//!
+//! # Inodes
+//!
+//! The inode table ([`inodes`]) is keyed by the backing file's `(st_dev, st_ino)` and holds
+//! an `O_PATH` fd per inode: renames and hard links need no path bookkeeping, every
+//! operation is an `*at()` call relative to an fd, and a request's name is one component
+//! (`/`, `.`, `..`, empty and NUL are refused) looked up with `O_NOFOLLOW`, so no request
+//! can reach outside the backing directory. Existing inodes are reopened through
+//! `/proc/self/fd/N`, which names the inode itself, never a path.
+//!
+//! # Ownership and permissions
+//!
+//! The daemon runs as root. The kernel checks modes (`default_permissions`); new files,
+//! directories, nodes and symlinks are created by root and then `fchown`ed to the caller's
+//! uid and gid (the parent's gid under a set-gid directory), and given the caller's mode.
+//!
+//! # Performance choices
+//!
+//! Writeback cache (on by default, [`FuseOptions::writeback_cache`]), 1 MiB `max_write`
+//! with `max_pages` 256, readahead raised through the mount's BDI, several worker threads
+//! each with a cloned `/dev/fuse` fd, `keep_cache` on open and long attribute/entry TTLs.
+//! Caching is safe because while this daemon holds the claim it is the only writer of the
+//! backing directory. Kernel passthrough (`FUSE_PASSTHROUGH`) is *not* used: the kernel
+//! then serves read/write on the backing file without asking the daemon, so the gate
+//! would no longer see them, and aborting the connection is not shown to stop I/O on
+//! already-open passthrough files; without a proof that a fence stops it, it stays off.
+
+mod fence;
+mod fs;
+mod handles;
+mod inodes;
+mod io_ops;
+mod meta_ops;
+mod mount;
+mod sys;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use holdfast_core::lease::VolumeGate;
+
+pub use mount::FuseVolume;
+
+/// What a fenced volume does to the operations of its (former) holder. Chosen per
+/// StorageClass (`fenceAction: error|freeze`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FenceAction {
+    /// Every operation fails with `EIO`.
+    Error,
+    /// Every operation blocks until the gate opens or the volume is unmounted.
+    Freeze,
+}
+
+/// How a volume is served.
+#[derive(Clone, Debug)]
+pub struct FuseOptions {
+    pub fence_action: FenceAction,
+    pub read_only: bool,
+    /// Kernel writeback cache: `write(2)` completes in the page cache, the daemon gets
+    /// large batched `WRITE`s. Un-fsync'd data is lost on a fence (see module doc).
+    pub writeback_cache: bool,
+    /// Worker threads, each with its own cloned `/dev/fuse` fd.
+    pub threads: usize,
+    /// Largest `WRITE`/`READ` the kernel sends (bytes, ≤ 1 MiB with the default
+    /// `max_pages_limit`).
+    pub max_write: u32,
+    /// Readahead of the mount, in KiB (written to the mount's BDI).
+    pub readahead_kb: u32,
+    /// How long the kernel may cache attributes and directory entries.
+    pub attr_ttl: Duration,
+    /// Open backing files with `O_DSYNC`: every acknowledged `WRITE` is on stable storage,
+    /// so nothing accepted before a fence can be flushed to a shared backing filesystem
+    /// after it by the backing client's own writeback.
+    pub write_through: bool,
+    /// How often the fence watcher looks for an explicit fence between deadlines.
+    pub fence_poll: Duration,
+}
+
+impl FuseOptions {
+    pub fn new(fence_action: FenceAction) -> Self {
+        Self {
+            fence_action,
+            read_only: false,
+            writeback_cache: true,
+            threads: 4,
+            max_write: 1 << 20,
+            readahead_kb: 4096,
+            attr_ttl: Duration::from_secs(10),
+            write_through: false,
+            fence_poll: Duration::from_millis(50),
+        }
+    }
+}
+
+impl Default for FuseOptions {
+    fn default() -> Self {
+        Self::new(FenceAction::Error)
+    }
+}
+
+/// Errors of mounting and unmounting a FUSE volume.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPathError {
+    #[error("backing directory {path}: {source}")]
+    Backing {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("mount target {path}: {source}")]
+    Target {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("mounting FUSE at {path}: {source}")]
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("unmounting {path}: {source}")]
+    Unmount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("FUSE session: {0}")]
+    Session(std::io::Error),
+    #[error("invalid options: {0}")]
+    Options(&'static str),
+}
+
+/// Convenience for callers: mount with the given gate and options.
+pub fn mount(
+    backing_dir: &Path,
+    target: &Path,
+    gate: VolumeGate,
+    opts: FuseOptions,
+) -> Result<FuseVolume, DataPathError> {
+    FuseVolume::mount(backing_dir, target, gate, opts)
+}

@@ -1,0 +1,292 @@
+//! Fencing of the FUSE data path, with real mounts and real processes: after a fence or
+//! a missed session deadline not one byte reaches the backing directory; a killed
+//! server leaves `ENOTCONN`; a paused server that wakes past its deadline refuses the
+//! write queued while it slept.
+//!
+//! The kill and pause tests serve the volume from a child process: this test binary
+//! re-executed with `HOLDFAST_FUSE_CHILD_*` set, running only [`child_fuse_server`].
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use holdfast_core::clock::Mono;
+use holdfast_core::lease::{FenceCause, SessionDeadline, VolumeGate};
+use holdfast_driver::datapath::{FenceAction, FuseOptions, FuseVolume};
+
+const CHILD_BACKING: &str = "HOLDFAST_FUSE_CHILD_BACKING";
+const CHILD_TARGET: &str = "HOLDFAST_FUSE_CHILD_TARGET";
+const CHILD_DEADLINE_MS: &str = "HOLDFAST_FUSE_CHILD_DEADLINE_MS";
+const READY: &str = "HOLDFAST_FUSE_READY";
+
+fn dirs() -> (tempfile::TempDir, tempfile::TempDir) {
+    (
+        tempfile::tempdir_in("/var/tmp").unwrap(),
+        tempfile::tempdir_in("/var/tmp").unwrap(),
+    )
+}
+
+fn gate_for(live: Duration) -> VolumeGate {
+    let session = SessionDeadline::new();
+    session.extend_to(Mono::now() + live);
+    VolumeGate::new(session)
+}
+
+fn errno_of<T>(r: std::io::Result<T>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+/// Writes `before` durably, then `unsynced` into the page cache only.
+fn write_before(path: &Path, before: &[u8], unsynced: &[u8]) -> File {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    f.write_all(before).unwrap();
+    f.sync_all().unwrap();
+    f.write_all(unsynced).unwrap();
+    f
+}
+
+#[test]
+fn fence_with_error_fails_every_operation_and_writes_nothing() {
+    let (backing, target) = dirs();
+    let gate = gate_for(Duration::from_secs(60));
+    let vol = FuseVolume::mount(
+        backing.path(),
+        target.path(),
+        gate.clone(),
+        FuseOptions::new(FenceAction::Error),
+    )
+    .unwrap();
+    let t = |p: &str| target.path().join(p);
+    fs::create_dir(t("dir")).unwrap();
+    let mut f = write_before(&t("file"), b"before", b" unsynced");
+
+    gate.fence(FenceCause::NodeFenced);
+    // Let the fence watcher drop the kernel's cached pages and attributes.
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Writes may still land in the page cache; they can never be made durable.
+    let _ = f.write_all(b" after-fence");
+    assert_eq!(errno_of(f.sync_all()), Some(libc::EIO), "fsync after fence");
+    assert_eq!(errno_of(fs::metadata(t("file"))), Some(libc::EIO), "stat");
+    assert_eq!(errno_of(File::open(t("file"))), Some(libc::EIO), "open");
+    assert_eq!(errno_of(fs::read_dir(t("dir"))), Some(libc::EIO), "opendir");
+    assert_eq!(
+        errno_of(fs::create_dir(t("new-dir"))),
+        Some(libc::EIO),
+        "mkdir"
+    );
+    assert_eq!(
+        errno_of(fs::write(t("new-file"), b"x")),
+        Some(libc::EIO),
+        "create"
+    );
+    assert_eq!(errno_of(fs::remove_dir(t("dir"))), Some(libc::EIO), "rmdir");
+    drop(f);
+
+    assert_eq!(fs::read(backing.path().join("file")).unwrap(), b"before");
+    assert!(backing.path().join("dir").exists());
+    assert!(!backing.path().join("new-dir").exists());
+    assert!(!backing.path().join("new-file").exists());
+    vol.unmount().unwrap();
+}
+
+#[test]
+fn fence_with_freeze_parks_operations_until_unmount() {
+    let (backing, target) = dirs();
+    let gate = gate_for(Duration::from_secs(60));
+    let vol = FuseVolume::mount(
+        backing.path(),
+        target.path(),
+        gate.clone(),
+        FuseOptions::new(FenceAction::Freeze),
+    )
+    .unwrap();
+    let mut f = write_before(&target.path().join("file"), b"before", b"");
+    gate.fence(FenceCause::ClaimLost);
+
+    let (tx, rx) = mpsc::channel();
+    let dir = target.path().join("frozen-dir");
+    let tx2 = tx.clone();
+    std::thread::spawn(move || tx2.send(("mkdir", errno_of(fs::create_dir(dir)))).unwrap());
+    std::thread::spawn(move || {
+        let r = f.write_all(b" frozen").and_then(|()| f.sync_all());
+        tx.send(("write+fsync", errno_of(r))).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(800)).is_err(),
+        "a frozen volume must not answer"
+    );
+
+    vol.unmount().unwrap();
+    for _ in 0..2 {
+        let (op, err) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("released by unmount");
+        assert!(err.is_some(), "{op} must fail once released, not succeed");
+    }
+    assert_eq!(fs::read(backing.path().join("file")).unwrap(), b"before");
+    assert!(!backing.path().join("frozen-dir").exists());
+}
+
+#[test]
+fn session_deadline_passing_without_renewal_stops_writes() {
+    let (backing, target) = dirs();
+    let gate = gate_for(Duration::from_millis(300));
+    let vol = FuseVolume::mount(
+        backing.path(),
+        target.path(),
+        gate,
+        FuseOptions::new(FenceAction::Error),
+    )
+    .unwrap();
+    let mut f = write_before(&target.path().join("file"), b"before", b"");
+    std::thread::sleep(Duration::from_millis(450));
+    let r = f.write_all(b" late").and_then(|()| f.sync_all());
+    assert_eq!(errno_of(r), Some(libc::EIO));
+    assert_eq!(
+        errno_of(fs::metadata(target.path().join("file"))),
+        Some(libc::EIO)
+    );
+    drop(f);
+    assert_eq!(fs::read(backing.path().join("file")).unwrap(), b"before");
+    vol.unmount().unwrap();
+}
+
+/// The child-process half of the kill and pause tests, not a test of its own: it does
+/// nothing unless started by [`ChildServer::start`].
+#[test]
+fn child_fuse_server() {
+    let (Some(backing), Some(target), Some(ms)) = (
+        std::env::var_os(CHILD_BACKING),
+        std::env::var_os(CHILD_TARGET),
+        std::env::var(CHILD_DEADLINE_MS).ok(),
+    ) else {
+        return;
+    };
+    let gate = gate_for(Duration::from_millis(ms.parse().unwrap()));
+    let vol = FuseVolume::mount(
+        Path::new(&backing),
+        Path::new(&target),
+        gate,
+        FuseOptions::new(FenceAction::Error),
+    )
+    .unwrap();
+    println!("{READY}");
+    std::io::stdout().flush().unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+        let _ = &vol;
+    }
+}
+
+struct ChildServer {
+    child: Child,
+    target: std::path::PathBuf,
+    ready_at: Instant,
+}
+
+impl ChildServer {
+    fn start(backing: &Path, target: &Path, deadline: Duration) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_fuse_server",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(CHILD_BACKING, backing)
+            .env(CHILD_TARGET, target)
+            .env(CHILD_DEADLINE_MS, deadline.as_millis().to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        loop {
+            let line = lines.next().expect("child exited before mounting").unwrap();
+            if line.contains(READY) {
+                break;
+            }
+        }
+        ChildServer {
+            child,
+            target: target.to_owned(),
+            ready_at: Instant::now(),
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+#[test]
+fn killed_server_leaves_enotconn() {
+    let (backing, target) = dirs();
+    let mut server = ChildServer::start(backing.path(), target.path(), Duration::from_secs(60));
+    let mut f = write_before(&target.path().join("file"), b"before", b"");
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+
+    let r = f.write_all(b" after-death").and_then(|()| f.sync_all());
+    assert_eq!(errno_of(r), Some(libc::ENOTCONN));
+    assert_eq!(
+        errno_of(fs::metadata(target.path().join("file"))),
+        Some(libc::ENOTCONN)
+    );
+    assert_eq!(
+        errno_of(fs::write(target.path().join("new"), b"x")),
+        Some(libc::ENOTCONN)
+    );
+    assert_eq!(fs::read(backing.path().join("file")).unwrap(), b"before");
+}
+
+#[test]
+fn paused_server_waking_past_its_deadline_refuses_the_queued_write() {
+    let (backing, target) = dirs();
+    let deadline = Duration::from_millis(1500);
+    let server = ChildServer::start(backing.path(), target.path(), deadline);
+    let mut f = write_before(&target.path().join("file"), b"before", b"");
+    assert!(
+        server.ready_at.elapsed() < deadline,
+        "setup too slow for the deadline"
+    );
+
+    server.signal(libc::SIGSTOP);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = f
+            .write_all(b" queued-while-paused")
+            .and_then(|()| f.sync_all());
+        tx.send(errno_of(r)).unwrap();
+    });
+    // The write is queued to a stopped daemon: it cannot complete.
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    let wake_at = server.ready_at + deadline + Duration::from_millis(500);
+    std::thread::sleep(wake_at.saturating_duration_since(Instant::now()));
+    server.signal(libc::SIGCONT);
+
+    let err = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("write completes after wake");
+    assert_eq!(err, Some(libc::EIO));
+    assert_eq!(fs::read(backing.path().join("file")).unwrap(), b"before");
+}
