@@ -27,9 +27,11 @@ use crate::lease::{ClaimRecord, NodeFence, SessionKey, SessionRecord};
 
 pub mod codec;
 pub mod etcd;
+pub mod kubernetes;
 pub mod memory;
 
 pub use etcd::{EtcdStore, EtcdStoreConfig};
+pub use kubernetes::KubernetesStore;
 pub use memory::MemoryStore;
 
 /// A store's version of one record (etcd mod revision, Kubernetes resourceVersion, a

@@ -1,0 +1,448 @@
+//! [`KubernetesStore`]: the lease store on `coordination.k8s.io/v1` Lease objects — the
+//! in-cluster default.
+//!
+//! Objects, all in one namespace (configurable; the chart uses the release namespace):
+//!
+//! | record  | object name                                  | `holdfast.csi.dev/kind` |
+//! |---------|----------------------------------------------|-------------------------|
+//! | session | `holdfast-session-<node>-<hash>`              | `session`               |
+//! | claim   | `holdfast-claim-<volume>-<hash>`              | `claim`                 |
+//! | fence   | `holdfast-fence-<node>-<hash>`                | `fence`                 |
+//!
+//! `<node>` / `<volume>` is a readable, lowercased, shortened form of the name (only for
+//! humans running `kubectl get leases`); `<hash>` is the first 16 hex digits of the
+//! SHA-256 of the record's key (see [`RecordKey`]), which makes names stable, unique and
+//! DNS-1123-safe whatever characters or length a volume id has. Should two keys ever
+//! share a name, the record found there describes the other key and reads back as
+//! `Malformed` — refused, never mistaken for the other record.
+//!
+//! Labels: `app.kubernetes.io/managed-by: holdfast`, `holdfast.csi.dev/kind`, and
+//! `holdfast.csi.dev/node: <node>` (the session's or fence's node, the claim holder's
+//! node) when the node name is a valid label value. The record itself is the JSON of
+//! [`codec`] in the annotation `holdfast.csi.dev/record`; the Lease `spec`
+//! (holderIdentity, leaseDurationSeconds, renewTime, leaseTransitions = epoch) is
+//! filled for humans only and never read: its times come from another machine's clock.
+//!
+//! Compare-and-swap: create for "must not exist" (409 → `Conflict`), replace with
+//! `metadata.resourceVersion` = the expected version (409 or 404 → `Conflict`), delete
+//! with `preconditions.resourceVersion` (409 or 404 → `Conflict`). The version is the
+//! object's resourceVersion. An empty expected version is refused as a `Conflict`: the
+//! API server would treat it as "no precondition", a blind write.
+//!
+//! Errors: 429 and 5xx, connection failures and calls exceeding the timeout (default
+//! 2 s) are `Unavailable`; other API errors (e.g. 403) are `Backend`.
+//!
+//! RBAC the node plugin and controller need, in the store's namespace:
+//! `coordination.k8s.io` `leases`: get, list, create, update, delete.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use sha2::{Digest, Sha256};
+
+use crate::lease::{ClaimRecord, NodeFence, SessionKey, SessionRecord};
+use crate::store::codec::{self, check_key, RecordKey, StoredRecord};
+use crate::store::{LeaseStore, StoreError, Version, Versioned};
+
+pub const RECORD_ANNOTATION: &str = "holdfast.csi.dev/record";
+pub const KIND_LABEL: &str = "holdfast.csi.dev/kind";
+pub const NODE_LABEL: &str = "holdfast.csi.dev/node";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "holdfast";
+/// The default bound on one store call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A [`LeaseStore`] on Lease objects in one namespace. Cheap to clone.
+#[derive(Clone)]
+pub struct KubernetesStore {
+    leases: Api<Lease>,
+    namespace: String,
+    timeout: Duration,
+}
+
+impl KubernetesStore {
+    pub fn new(client: kube::Client, namespace: &str) -> Self {
+        Self {
+            leases: Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Bounds every call by `timeout` instead of [`DEFAULT_TIMEOUT`].
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Connects with the in-cluster (or `KUBECONFIG`) configuration.
+    pub async fn connect(namespace: &str) -> Result<Self, StoreError> {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| StoreError::Backend(format!("kubernetes client configuration: {e}")))?;
+        Ok(Self::new(client, namespace))
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    async fn get_record<T: StoredRecord>(
+        &self,
+        key: RecordKey,
+    ) -> Result<Option<Versioned<T>>, StoreError> {
+        check_key(&key)?;
+        let name = object_name(&key);
+        let Some(lease) = self
+            .bounded("get", None, self.leases.get_opt(&name))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let (bytes, version) = record_of(&lease, &name)?;
+        let value = codec::decode(bytes.as_bytes(), &key, &name)?;
+        Ok(Some(Versioned { value, version }))
+    }
+
+    /// Every record of `kind` (and `node`, when it is a label value); one malformed
+    /// object fails the whole list.
+    async fn list_records<T: StoredRecord>(
+        &self,
+        kind: &str,
+        node: Option<&str>,
+    ) -> Result<Vec<Versioned<T>>, StoreError> {
+        let mut selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY},{KIND_LABEL}={kind}");
+        if let Some(node) = node.filter(|n| is_label_value(n)) {
+            selector.push_str(&format!(",{NODE_LABEL}={node}"));
+        }
+        let params = ListParams::default().labels(&selector);
+        let list = self
+            .bounded("list", None, self.leases.list(&params))
+            .await?;
+        list.items
+            .iter()
+            .map(|lease| {
+                let name = lease.metadata.name.clone().unwrap_or_default();
+                let (bytes, version) = record_of(lease, &name)?;
+                let value = codec::decode_listed(bytes.as_bytes(), &name, object_name)?;
+                Ok(Versioned { value, version })
+            })
+            .collect()
+    }
+
+    async fn put_record<T: StoredRecord>(
+        &self,
+        record: &T,
+        expected: Option<&Version>,
+        node: &str,
+        spec: LeaseSpec,
+    ) -> Result<Version, StoreError> {
+        let json = codec::encode(record)?;
+        let key = record.record_key();
+        let name = object_name(&key);
+        let mut labels = BTreeMap::from([
+            (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+            (KIND_LABEL.to_string(), key.kind().to_string()),
+        ]);
+        if is_label_value(node) {
+            labels.insert(NODE_LABEL.to_string(), node.to_string());
+        }
+        let json = String::from_utf8(json).expect("serde_json writes UTF-8");
+        let mut lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(labels),
+                annotations: Some(BTreeMap::from([(RECORD_ANNOTATION.to_string(), json)])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(spec),
+        };
+        let pp = PostParams::default();
+        let written = match expected {
+            None => {
+                self.bounded("create", Some(&key), self.leases.create(&pp, &lease))
+                    .await?
+            }
+            Some(v) => {
+                lease.metadata.resource_version = Some(non_empty(v, &key)?);
+                let call = self.leases.replace(&name, &pp, &lease);
+                self.bounded("replace", Some(&key), call).await?
+            }
+        };
+        written
+            .metadata
+            .resource_version
+            .map(Version)
+            .ok_or_else(|| StoreError::Backend(format!("{name}: written without resourceVersion")))
+    }
+
+    async fn delete_record(&self, key: RecordKey, expected: &Version) -> Result<(), StoreError> {
+        check_key(&key)?;
+        let name = object_name(&key);
+        let params = DeleteParams::default().preconditions(Preconditions {
+            resource_version: Some(non_empty(expected, &key)?),
+            uid: None,
+        });
+        self.bounded("delete", Some(&key), self.leases.delete(&name, &params))
+            .await?;
+        Ok(())
+    }
+
+    /// Runs one API call within the timeout. `conditional_on` names the record of a
+    /// conditional write: for it, 404 and 409 both mean "not at the version the writer
+    /// named" and become `Conflict`.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        conditional_on: Option<&RecordKey>,
+        call: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "kubernetes {what} did not answer within {:?}",
+                self.timeout
+            ))),
+            Ok(Err(kube::Error::Api(status)))
+                if conditional_on.is_some() && matches!(status.code, 404 | 409) =>
+            {
+                Err(StoreError::Conflict {
+                    key: conditional_on.map(|k| k.to_string()).unwrap_or_default(),
+                })
+            }
+            Ok(Err(e)) => Err(map_error(what, e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+}
+
+/// The Lease object name of a record: `holdfast-<kind>-<readable>-<hash>`.
+pub fn object_name(key: &RecordKey) -> String {
+    let readable = match key {
+        RecordKey::Session(k) => &k.node,
+        RecordKey::Claim(volume) => volume,
+        RecordKey::Fence(node) => node,
+    };
+    let digest = Sha256::digest(key.to_string().as_bytes());
+    let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let readable = readable_part(readable);
+    if readable.is_empty() {
+        format!("holdfast-{}-{hash}", key.kind())
+    } else {
+        format!("holdfast-{}-{readable}-{hash}", key.kind())
+    }
+}
+
+/// Lowercase alphanumerics of `raw`, other runs of characters turned into one `-`, at
+/// most 28 characters: names stay below 63 characters.
+fn readable_part(raw: &str) -> String {
+    let mut out = String::new();
+    for c in raw.chars() {
+        if out.len() >= 28 {
+            break;
+        }
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.is_empty() && !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_end_matches('-').to_string()
+}
+
+/// A Kubernetes label value: at most 63 of `[A-Za-z0-9._-]`, alphanumeric at both ends.
+pub fn is_label_value(s: &str) -> bool {
+    let alnum_ends = s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric());
+    s.len() <= 63
+        && alnum_ends
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn record_of(lease: &Lease, name: &str) -> Result<(String, Version), StoreError> {
+    let json = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(RECORD_ANNOTATION))
+        .ok_or_else(|| StoreError::Malformed {
+            key: name.to_string(),
+            reason: format!("no {RECORD_ANNOTATION} annotation"),
+        })?;
+    let version = lease
+        .metadata
+        .resource_version
+        .clone()
+        .ok_or_else(|| StoreError::Backend(format!("{name}: no resourceVersion")))?;
+    Ok((json.clone(), Version(version)))
+}
+
+fn non_empty(version: &Version, key: &RecordKey) -> Result<String, StoreError> {
+    if version.0.is_empty() {
+        return Err(StoreError::Conflict {
+            key: key.to_string(),
+        });
+    }
+    Ok(version.0.clone())
+}
+
+fn map_error(what: &str, e: kube::Error) -> StoreError {
+    match &e {
+        kube::Error::Api(status) => match status.code {
+            429 | 500..=599 => StoreError::Unavailable(format!("kubernetes {what}: {e}")),
+            _ => StoreError::Backend(format!("kubernetes {what}: {e}")),
+        },
+        kube::Error::HyperError(_) | kube::Error::Service(_) => {
+            StoreError::Unavailable(format!("kubernetes {what}: {e}"))
+        }
+        _ => StoreError::Backend(format!("kubernetes {what}: {e}")),
+    }
+}
+
+fn now() -> MicroTime {
+    MicroTime(k8s_openapi::jiff::Timestamp::now())
+}
+
+#[async_trait]
+impl LeaseStore for KubernetesStore {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn get_session(
+        &self,
+        key: &SessionKey,
+    ) -> Result<Option<Versioned<SessionRecord>>, StoreError> {
+        self.get_record(RecordKey::Session(key.clone())).await
+    }
+
+    async fn list_sessions(&self, node: &str) -> Result<Vec<Versioned<SessionRecord>>, StoreError> {
+        let all: Vec<Versioned<SessionRecord>> = self.list_records("session", Some(node)).await?;
+        Ok(all.into_iter().filter(|s| s.value.node == node).collect())
+    }
+
+    async fn put_session(
+        &self,
+        record: &SessionRecord,
+        expected: Option<&Version>,
+    ) -> Result<Version, StoreError> {
+        let spec = LeaseSpec {
+            holder_identity: Some(format!("{}/{}", record.node, record.instance)),
+            lease_duration_seconds: Some(
+                record.duration_ms.div_ceil(1000).min(i32::MAX as u64) as i32
+            ),
+            renew_time: Some(now()),
+            ..LeaseSpec::default()
+        };
+        self.put_record(record, expected, &record.node, spec).await
+    }
+
+    async fn delete_session(&self, key: &SessionKey, expected: &Version) -> Result<(), StoreError> {
+        self.delete_record(RecordKey::Session(key.clone()), expected)
+            .await
+    }
+
+    async fn get_claim(
+        &self,
+        volume_id: &str,
+    ) -> Result<Option<Versioned<ClaimRecord>>, StoreError> {
+        self.get_record(RecordKey::Claim(volume_id.to_string()))
+            .await
+    }
+
+    async fn list_claims(&self) -> Result<Vec<Versioned<ClaimRecord>>, StoreError> {
+        self.list_records("claim", None).await
+    }
+
+    async fn put_claim(
+        &self,
+        record: &ClaimRecord,
+        expected: Option<&Version>,
+    ) -> Result<Version, StoreError> {
+        let spec = LeaseSpec {
+            holder_identity: Some(format!(
+                "{}/{} ({:?})",
+                record.holder.node, record.holder.pod_uid, record.state
+            )),
+            lease_transitions: Some(record.epoch.min(i32::MAX as u64) as i32),
+            renew_time: Some(now()),
+            ..LeaseSpec::default()
+        };
+        self.put_record(record, expected, &record.holder.node, spec)
+            .await
+    }
+
+    async fn delete_claim(&self, volume_id: &str, expected: &Version) -> Result<(), StoreError> {
+        self.delete_record(RecordKey::Claim(volume_id.to_string()), expected)
+            .await
+    }
+
+    async fn get_fence(&self, node: &str) -> Result<Option<Versioned<NodeFence>>, StoreError> {
+        self.get_record(RecordKey::Fence(node.to_string())).await
+    }
+
+    async fn put_fence(
+        &self,
+        record: &NodeFence,
+        expected: Option<&Version>,
+    ) -> Result<Version, StoreError> {
+        let spec = LeaseSpec {
+            holder_identity: Some(format!("fenced: {}", record.reason)),
+            renew_time: Some(now()),
+            ..LeaseSpec::default()
+        };
+        self.put_record(record, expected, &record.node, spec).await
+    }
+
+    async fn delete_fence(&self, node: &str, expected: &Version) -> Result<(), StoreError> {
+        self.delete_record(RecordKey::Fence(node.to_string()), expected)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_dns_safe_short_stable_and_distinct() {
+        let odd = RecordKey::Claim(format!("Ns/PVC_ü {}", "x".repeat(300)));
+        let slash = RecordKey::Claim("a/b".into());
+        let escaped = RecordKey::Claim("a%2Fb".into());
+        for key in [&odd, &slash, &escaped] {
+            let name = object_name(key);
+            assert!(name.len() <= 63, "{name}");
+            assert!(name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+            assert!(!name.ends_with('-') && !name.contains("--"), "{name}");
+            assert_eq!(name, object_name(key), "stable");
+        }
+        assert_ne!(object_name(&slash), object_name(&escaped));
+        assert!(object_name(&slash).starts_with("holdfast-claim-a-b-"));
+        let session = RecordKey::Session(SessionKey {
+            node: "node-1".into(),
+            instance: "i".into(),
+        });
+        assert!(object_name(&session).starts_with("holdfast-session-node-1-"));
+        assert!(
+            object_name(&RecordKey::Fence("node-1".into())).starts_with("holdfast-fence-node-1-")
+        );
+    }
+
+    #[test]
+    fn label_values() {
+        assert!(is_label_value("node-1.example"));
+        assert!(!is_label_value("a/b"));
+        assert!(!is_label_value(""));
+        assert!(!is_label_value("-a"));
+        assert!(!is_label_value(&"a".repeat(64)));
+    }
+}
