@@ -7,11 +7,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use holdfast_core::csi::serve::{Endpoint, EndpointError};
+pub use holdfast_core::logging::LogFormat;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ArgsError {
-    #[error("--endpoint {0:?}: expected unix:///absolute/path (or an absolute path)")]
-    Endpoint(String),
+    #[error("--endpoint: {0}")]
+    Endpoint(#[from] EndpointError),
     #[error("--node-id (or HOLDFAST_NODE_ID / KUBE_NODE_NAME) is required unless --standalone")]
     MissingNodeId,
     #[error("--node-id must not be empty")]
@@ -38,12 +40,6 @@ pub enum LeaseStoreKind {
     Etcd,
     /// coordination.k8s.io/v1 Lease objects (the in-cluster default).
     Kubernetes,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Json,
-    Text,
 }
 
 /// holdfast node plugin: serves the CSI Identity and Node services on a unix socket and
@@ -104,7 +100,7 @@ pub struct Args {
 /// The checked configuration the plugin runs with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    pub socket: PathBuf,
+    pub endpoint: Endpoint,
     pub node_id: String,
     pub backend_root: PathBuf,
     pub state_dir: PathBuf,
@@ -124,7 +120,7 @@ impl Args {
         kube_node_name: Option<String>,
         hostname: impl FnOnce() -> Result<String, String>,
     ) -> Result<Config, ArgsError> {
-        let socket = socket_path(&self.endpoint)?;
+        let endpoint = Endpoint::parse(&self.endpoint)?;
         let node_id = match (self.node_id.or(kube_node_name), self.standalone) {
             (Some(id), _) => id,
             (None, true) => hostname().map_err(ArgsError::Hostname)?,
@@ -151,7 +147,7 @@ impl Args {
             LeaseStoreKind::Kubernetes
         };
         Ok(Config {
-            socket,
+            endpoint,
             node_id,
             backend_root: self.backend_root,
             state_dir: self.state_dir,
@@ -163,18 +159,6 @@ impl Args {
             standalone: self.standalone,
         })
     }
-}
-
-/// `unix:///a/b` (or `unix:/a/b`, or `/a/b`) → `/a/b`.
-fn socket_path(endpoint: &str) -> Result<PathBuf, ArgsError> {
-    let path = endpoint
-        .strip_prefix("unix://")
-        .or_else(|| endpoint.strip_prefix("unix:"))
-        .unwrap_or(endpoint);
-    if !path.starts_with('/') || path.len() < 2 {
-        return Err(ArgsError::Endpoint(endpoint.to_string()));
-    }
-    Ok(PathBuf::from(path))
 }
 
 /// `250ms`, `15s`, `2m`; a bare number is seconds.
@@ -216,7 +200,10 @@ mod tests {
     #[test]
     fn defaults_for_a_cluster_node() {
         let config = args(&["--node-id", "n1"]).resolve(None, no_host).unwrap();
-        assert_eq!(config.socket, PathBuf::from("/csi/csi.sock"));
+        assert_eq!(
+            config.endpoint.path(),
+            std::path::Path::new("/csi/csi.sock")
+        );
         assert_eq!(config.state_dir, PathBuf::from("/var/lib/holdfast"));
         assert_eq!(config.lease_store, LeaseStoreKind::Kubernetes);
         assert_eq!(config.lease_duration, Duration::from_secs(15));
