@@ -177,3 +177,28 @@ async fn killed_etcd_is_unavailable_and_records_survive_a_restart() {
     let back = back.expect("claim survives an etcd restart");
     assert_eq!((back.value, back.version), (c, v));
 }
+
+#[tokio::test]
+async fn connect_opens_the_configured_store() {
+    use holdfast_core::store::{connect, StoreConfig};
+    let etcd = EtcdServer::start();
+    let store = connect(StoreConfig::Etcd {
+        endpoints: etcd.endpoints(),
+        prefix: "/via-config/".into(),
+        timeout: Duration::from_secs(2),
+    })
+    .await
+    .unwrap();
+    assert_eq!(store.kind(), "etcd");
+    let c = conformance::claim("v", "n1", ClaimState::Held, 1);
+    store.put_claim(&c, None).await.unwrap();
+    let direct = etcd.store("/via-config/").await;
+    assert_eq!(direct.get_claim("v").await.unwrap().unwrap().value, c);
+
+    let memory = connect(StoreConfig::Memory).await.unwrap();
+    assert_eq!(memory.kind(), "memory");
+    assert!(matches!(
+        connect(StoreConfig::etcd(vec![])).await,
+        Err(StoreError::Backend(_))
+    ));
+}

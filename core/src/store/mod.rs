@@ -26,10 +26,12 @@ use async_trait::async_trait;
 use crate::lease::{ClaimRecord, NodeFence, SessionKey, SessionRecord};
 
 pub mod codec;
+pub mod config;
 pub mod etcd;
 pub mod kubernetes;
 pub mod memory;
 
+pub use config::{connect, StoreConfig};
 pub use etcd::{EtcdStore, EtcdStoreConfig};
 pub use kubernetes::KubernetesStore;
 pub use memory::MemoryStore;
