@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 state="$PWD/.holdfast"
 mkdir -p "$state/backend" "$state/state"
 echo "demo: CSI endpoint unix://$state/csi.sock (Ctrl-C stops the plugin)"
-exec cargo run --quiet --locked -p holdfast-driver -- \
+exec cargo run --quiet -p holdfast-driver -- \
     --standalone \
     --endpoint "unix://$state/csi.sock" \
     --backend-root "$state/backend" \

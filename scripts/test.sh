@@ -14,6 +14,6 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
 echo "== chart and manifests"
 cargo build --workspace --bins --locked --quiet
-"$venv/bin/python" scripts/deploy-check.py --binaries target/debug
+"$venv/bin/python" scripts/deploy-check.py --binaries "${CARGO_TARGET_DIR:-target}/debug"
 echo "== cargo test"
 cargo test --workspace --locked
