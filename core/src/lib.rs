@@ -5,6 +5,7 @@
 //!   decision — as pure code, plus the client that drives it against a store.
 //! - [`store`]: the [`store::LeaseStore`] trait and its backends (memory, etcd, kubernetes).
 //! - `testkit` (feature `testkit`): a real etcd for tests and the store conformance suite.
+//! - [`sim`]: a deterministic simulation of the lease protocol under faults.
 //! - [`clock`]: the one clock the protocol trusts (CLOCK_BOOTTIME).
 
 pub mod backend;
@@ -12,6 +13,7 @@ pub mod clock;
 pub mod csi;
 pub mod lease;
 pub mod logging;
+pub mod sim;
 pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
