@@ -18,3 +18,58 @@ pub mod call_log;
 pub mod identity;
 pub mod serve;
 pub mod validate;
+
+/// Pins field numbers that kubelet and the sidecars depend on: an accidental
+/// renumbering in `csi.proto` would still compile but break every real CO.
+#[cfg(test)]
+mod wire_tests {
+    use super::v1::*;
+    use prost::Message;
+
+    /// The first byte of a length-delimited field's encoding: `number << 3 | 2`.
+    fn tag(number: u8) -> u8 {
+        number << 3 | 2
+    }
+
+    #[test]
+    fn kubelet_facing_field_numbers_match_the_spec() {
+        let publish = NodePublishVolumeRequest {
+            target_path: "t".into(),
+            ..Default::default()
+        };
+        assert_eq!(publish.encode_to_vec()[0], tag(4));
+        let publish = NodePublishVolumeRequest {
+            volume_context: [("k".to_owned(), "v".to_owned())].into(),
+            ..Default::default()
+        };
+        assert_eq!(publish.encode_to_vec()[0], tag(8));
+        let publish = NodePublishVolumeRequest {
+            readonly: true,
+            ..Default::default()
+        };
+        assert_eq!(publish.encode_to_vec(), vec![6 << 3, 1]);
+        let attach = ControllerPublishVolumeRequest {
+            node_id: "n".into(),
+            ..Default::default()
+        };
+        assert_eq!(attach.encode_to_vec()[0], tag(2));
+        let create = CreateVolumeRequest {
+            mutable_parameters: [("k".to_owned(), "v".to_owned())].into(),
+            ..Default::default()
+        };
+        assert_eq!(create.encode_to_vec()[0], tag(8));
+        let info = NodeGetInfoResponse {
+            max_volumes_per_node: 1,
+            ..Default::default()
+        };
+        assert_eq!(info.encode_to_vec(), vec![2 << 3, 1]);
+        assert_eq!(
+            volume_capability::access_mode::Mode::SingleNodeSingleWriter as i32,
+            6
+        );
+        assert_eq!(
+            controller_service_capability::rpc::Type::ModifyVolume as i32,
+            14
+        );
+    }
+}
