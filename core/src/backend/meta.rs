@@ -290,9 +290,9 @@ mod tests {
             access_mode: SingleNodeWriter,
             readonly: false,
         };
-        assert_eq!(meta.check_publish("a", rw).unwrap(), true);
+        assert!(meta.check_publish("a", rw).unwrap());
         meta.published.insert("a".into(), rw);
-        assert_eq!(meta.check_publish("a", rw).unwrap(), false);
+        assert!(!meta.check_publish("a", rw).unwrap());
         let ro = Publication {
             access_mode: SingleNodeWriter,
             readonly: true,
@@ -324,7 +324,7 @@ mod tests {
             readonly: true,
         };
         meta.published.insert("a".into(), reader);
-        assert_eq!(meta.check_publish("b", reader).unwrap(), true);
+        assert!(meta.check_publish("b", reader).unwrap());
         let writer = Publication {
             access_mode: SingleNodeWriter,
             readonly: false,

@@ -1,0 +1,158 @@
+//! The controller's errors and their one mapping to gRPC status codes.
+//!
+//! The codes follow the CSI spec's per-RPC error tables. Two choices are worth
+//! stating: an id that is not of holdfast's form names no volume, so it maps to
+//! NOT_FOUND like any other missing volume (and DeleteVolume / ControllerUnpublish
+//! answer OK for it before reaching here, as the spec requires for missing volumes);
+//! and damaged state inside the backend root (a planted symlink, unreadable metadata)
+//! is INTERNAL, because no change to the request can fix it.
+
+use holdfast_core::backend::BackendError;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// A request field is missing or malformed.
+    #[error("{field} {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+
+    /// ListVolumes was given a `starting_token` it did not hand out.
+    #[error("invalid starting_token {token:?}: start listing again without a token")]
+    InvalidToken { token: String },
+
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+
+    /// A blocking backend task panicked or was cancelled.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ControllerError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        ControllerError::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            ControllerError::InvalidArgument { .. } => Code::InvalidArgument,
+            ControllerError::InvalidToken { .. } => Code::Aborted,
+            ControllerError::Internal(_) => Code::Internal,
+            ControllerError::Backend(e) => backend_code(e),
+        }
+    }
+}
+
+fn backend_code(error: &BackendError) -> Code {
+    match error {
+        BackendError::InvalidVolumeId { .. } | BackendError::NotFound { .. } => Code::NotFound,
+        BackendError::InvalidName { .. }
+        | BackendError::InvalidParameter { .. }
+        | BackendError::UnknownParameters { .. }
+        | BackendError::InvalidCapacityRange { .. } => Code::InvalidArgument,
+        BackendError::CapacityUnsatisfiable { .. } | BackendError::ShrinkUnsupported { .. } => {
+            Code::OutOfRange
+        }
+        BackendError::Incompatible { .. }
+        | BackendError::IdCollision { .. }
+        | BackendError::PublishedIncompatible { .. } => Code::AlreadyExists,
+        BackendError::InUse { .. } | BackendError::PublishedElsewhere { .. } => {
+            Code::FailedPrecondition
+        }
+        BackendError::UnsafePath { .. }
+        | BackendError::CorruptMetadata { .. }
+        | BackendError::Io { .. } => Code::Internal,
+    }
+}
+
+impl From<ControllerError> for Status {
+    fn from(error: ControllerError) -> Status {
+        Status::new(error.code(), error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_codes() {
+        let id = || "hf-0".to_string();
+        let cases = [
+            (BackendError::NotFound { id: id() }, Code::NotFound),
+            (
+                BackendError::InvalidVolumeId {
+                    id: id(),
+                    reason: "x",
+                },
+                Code::NotFound,
+            ),
+            (
+                BackendError::UnknownParameters {
+                    keys: vec!["k".into()],
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                BackendError::InvalidCapacityRange {
+                    required: 2,
+                    limit: 1,
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                BackendError::CapacityUnsatisfiable {
+                    requested: 2,
+                    total: 1,
+                },
+                Code::OutOfRange,
+            ),
+            (
+                BackendError::ShrinkUnsupported {
+                    id: id(),
+                    current: 2,
+                    limit: 1,
+                },
+                Code::OutOfRange,
+            ),
+            (
+                BackendError::Incompatible {
+                    name: "n".into(),
+                    id: id(),
+                    reason: "r".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                BackendError::PublishedIncompatible {
+                    id: id(),
+                    node: "n".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                BackendError::InUse {
+                    id: id(),
+                    nodes: vec![],
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                BackendError::PublishedElsewhere {
+                    id: id(),
+                    nodes: vec![],
+                },
+                Code::FailedPrecondition,
+            ),
+        ];
+        for (error, code) in cases {
+            let status = Status::from(ControllerError::from(error));
+            assert_eq!(status.code(), code, "{}", status.message());
+        }
+        let status = Status::from(ControllerError::InvalidToken { token: "t".into() });
+        assert_eq!(status.code(), Code::Aborted);
+    }
+}

@@ -1,0 +1,178 @@
+//! Runs the real `holdfast-controller` binary on a unix socket in a temp dir, and
+//! builds requests for it.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use holdfast_core::csi::serve::connect_unix;
+use holdfast_core::csi::v1::controller_client::ControllerClient;
+use holdfast_core::csi::v1::identity_client::IdentityClient;
+use holdfast_core::csi::v1::volume_capability::{
+    access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume,
+};
+use holdfast_core::csi::v1::{CapacityRange, CreateVolumeRequest, ProbeRequest, VolumeCapability};
+use tonic::transport::Channel;
+
+/// One running controller process over a backend root.
+pub struct ControllerProcess {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl ControllerProcess {
+    /// Starts the binary and waits until it answers Probe.
+    pub async fn start(root: &Path, socket: &Path) -> ControllerProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_holdfast-controller"))
+            .arg(format!("--endpoint=unix://{}", socket.display()))
+            .arg(format!("--backend-root={}", root.display()))
+            .arg("--log-format=text")
+            .env_remove("CSI_ENDPOINT")
+            .stdin(Stdio::null())
+            // The controller's log is noise in a passing run; HOLDFAST_TEST_LOG shows it.
+            .stderr(if std::env::var_os("HOLDFAST_TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .expect("start holdfast-controller");
+        let mut process = ControllerProcess {
+            child,
+            socket: socket.to_owned(),
+        };
+        process.wait_ready().await;
+        process
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("holdfast-controller exited during start: {status}");
+            }
+            if self.socket.exists() {
+                if let Ok(channel) = connect_unix(&self.socket).await {
+                    let probe = IdentityClient::new(channel).probe(ProbeRequest {}).await;
+                    if probe.is_ok_and(|r| r.into_inner().ready == Some(true)) {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "holdfast-controller did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        connect_unix(&self.socket)
+            .await
+            .expect("connect to controller")
+    }
+
+    pub async fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel().await)
+    }
+
+    pub async fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel().await)
+    }
+
+    /// Sends SIGTERM and waits for the exit. Async so that this test's own client
+    /// connections can answer the server's graceful-shutdown GOAWAY meanwhile.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "holdfast-controller ignored SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A temp dir holding a backend root and a socket path, plus a controller on them.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub process: ControllerProcess,
+}
+
+impl Fixture {
+    pub async fn start() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("root")).unwrap();
+        let process =
+            ControllerProcess::start(&dir.path().join("root"), &dir.path().join("c.sock")).await;
+        Fixture { dir, process }
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub async fn client(&self) -> ControllerClient<Channel> {
+        self.process.controller().await
+    }
+}
+
+pub fn mount_cap(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn block_cap(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn create_request(name: &str) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.to_owned(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 1 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter)],
+        ..Default::default()
+    }
+}
+
+pub fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The gRPC code of a call that must fail.
+pub fn code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
+    match result {
+        Ok(r) => panic!("expected an error, got {:?}", r.into_inner()),
+        Err(status) => status.code(),
+    }
+}
