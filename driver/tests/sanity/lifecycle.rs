@@ -264,3 +264,81 @@ async fn lifecycle_repeated(data_path: Option<&str>) {
     }
     detach_and_delete(&s, &vol, &node).await;
 }
+
+/// csi-sanity runs every case against one plugin and publishes each case's volume at the
+/// same `<mountdir>/target`: once unpublished, a target path must be free for the next
+/// volume, and must show that volume's data, not the previous one's.
+#[tokio::test]
+async fn a_target_path_is_reusable_for_another_volume_after_unpublish() {
+    bounded(reuse_target(None)).await
+}
+
+#[tokio::test]
+async fn a_target_path_is_reusable_for_another_volume_after_unpublish_bind() {
+    bounded(reuse_target(Some("bind"))).await
+}
+
+async fn reuse_target(data_path: Option<&str>) {
+    let s = Sanity::start().await;
+    let node = s.node_id().await;
+    let target = s.fresh_target();
+    for round in 0..2 {
+        let vol = create_on(&s, &format!("reuse-{round}"), data_path).await;
+        let ctx = attach(&s, &vol, &node).await;
+        s.node_publish(&vol, &ctx, &target).await;
+        assert_published(&target);
+        let earlier: Vec<_> = std::fs::read_dir(&target).unwrap().collect();
+        assert!(
+            earlier.is_empty(),
+            "round {round}: a new volume already holds files: {earlier:?}"
+        );
+        std::fs::write(target.join("round"), format!("{round}")).expect("write through the target");
+        let req = node_unpublish(&vol, &target);
+        assert_ok(
+            "NodeUnpublishVolume",
+            s.node().node_unpublish_volume(req).await,
+        );
+        assert_unpublished(&target, true);
+        detach_and_delete(&s, &vol, &node).await;
+    }
+}
+
+/// csi-sanity's cleanup sends NodeUnpublishVolume for every volume a case created, all at
+/// the same target. An unpublish naming a volume other than the one mounted there must
+/// leave that mount (and its claim) alone, whatever code it answers with.
+#[tokio::test]
+async fn node_unpublish_naming_another_volume_leaves_the_mount_alone() {
+    bounded(unpublish_other_volume(None)).await
+}
+
+#[tokio::test]
+async fn node_unpublish_naming_another_volume_leaves_the_mount_alone_bind() {
+    bounded(unpublish_other_volume(Some("bind"))).await
+}
+
+async fn unpublish_other_volume(data_path: Option<&str>) {
+    let s = Sanity::start().await;
+    let node = s.node_id().await;
+    let mounted = create_on(&s, "mounted", data_path).await;
+    let bystander = create_on(&s, "bystander", data_path).await;
+    let ctx = attach(&s, &mounted, &node).await;
+    let target = s.fresh_target();
+    s.node_publish(&mounted, &ctx, &target).await;
+    std::fs::write(target.join("owner"), b"mounted").expect("write through the target");
+
+    let _ = s
+        .node()
+        .node_unpublish_volume(node_unpublish(&bystander, &target))
+        .await;
+    assert_published(&target);
+    let read = std::fs::read(target.join("owner")).expect("the mounted volume is still usable");
+    assert_eq!(read, b"mounted");
+
+    let req = node_unpublish(&mounted, &target);
+    assert_ok(
+        "NodeUnpublishVolume",
+        s.node().node_unpublish_volume(req).await,
+    );
+    assert_unpublished(&target, true);
+    detach_and_delete(&s, &mounted, &node).await;
+}

@@ -62,16 +62,20 @@ async fn node_publish_without_volume_id_is_invalid_argument() {
     bounded(async {
         let s = Sanity::start().await;
         let target = s.fresh_target();
-        let req = NodePublishVolumeRequest {
+        let full = NodePublishVolumeRequest {
             target_path: target.to_string_lossy().into_owned(),
             volume_capability: Some(single_writer()),
             ..Default::default()
         };
-        assert_code(
-            "NodePublishVolume with no volume id",
-            s.node().node_publish_volume(req).await,
-            Code::InvalidArgument,
-        );
+        // csi-sanity sends an empty request; the other fields set prove the id check itself.
+        for req in [NodePublishVolumeRequest::default(), full] {
+            let got = s.node().node_publish_volume(req.clone()).await;
+            assert_code(
+                &format!("NodePublishVolume {req:?}"),
+                got,
+                Code::InvalidArgument,
+            );
+        }
         assert!(
             !target.exists(),
             "a rejected NodePublishVolume created the target"
@@ -85,16 +89,25 @@ async fn node_publish_without_target_path_is_invalid_argument() {
     bounded(async {
         let s = Sanity::start().await;
         let vol = s.create(create_request(&unique("np-notarget"), None)).await;
-        let req = NodePublishVolumeRequest {
+        // csi-sanity: an id that names nothing and nothing else. Then a real volume with
+        // a capability, so only the target is missing.
+        let bare = NodePublishVolumeRequest {
+            volume_id: absent_volume_id(),
+            ..Default::default()
+        };
+        let full = NodePublishVolumeRequest {
             volume_id: vol.volume_id,
             volume_capability: Some(single_writer()),
             ..Default::default()
         };
-        assert_code(
-            "NodePublishVolume with no target",
-            s.node().node_publish_volume(req).await,
-            Code::InvalidArgument,
-        );
+        for req in [bare, full] {
+            let got = s.node().node_publish_volume(req.clone()).await;
+            assert_code(
+                &format!("NodePublishVolume {req:?}"),
+                got,
+                Code::InvalidArgument,
+            );
+        }
     })
     .await
 }
@@ -105,13 +118,20 @@ async fn node_publish_without_capability_is_invalid_argument() {
         let s = Sanity::start().await;
         let vol = s.create(create_request(&unique("np-nocap"), None)).await;
         let target = s.fresh_target();
-        let mut req = publish_request(&vol, &HashMap::new(), &target);
-        req.volume_capability = None;
-        assert_code(
-            "NodePublishVolume with no capability",
-            s.node().node_publish_volume(req).await,
-            Code::InvalidArgument,
-        );
+        // csi-sanity names a volume that does not exist; the check must come first.
+        let mut bare = publish_request(&vol, &HashMap::new(), &target);
+        bare.volume_id = absent_volume_id();
+        bare.volume_capability = None;
+        let mut full = publish_request(&vol, &HashMap::new(), &target);
+        full.volume_capability = None;
+        for req in [bare, full] {
+            let got = s.node().node_publish_volume(req.clone()).await;
+            assert_code(
+                &format!("NodePublishVolume {req:?}"),
+                got,
+                Code::InvalidArgument,
+            );
+        }
         assert!(
             !target.exists(),
             "a rejected NodePublishVolume created the target"
@@ -148,15 +168,18 @@ async fn node_publish_of_unknown_volume_is_not_found() {
 async fn node_unpublish_without_volume_id_is_invalid_argument() {
     bounded(async {
         let s = Sanity::start().await;
-        let req = NodeUnpublishVolumeRequest {
+        let with_target = NodeUnpublishVolumeRequest {
             volume_id: String::new(),
             target_path: s.fresh_target().to_string_lossy().into_owned(),
         };
-        assert_code(
-            "NodeUnpublishVolume with no volume id",
-            s.node().node_unpublish_volume(req).await,
-            Code::InvalidArgument,
-        );
+        for req in [NodeUnpublishVolumeRequest::default(), with_target] {
+            let got = s.node().node_unpublish_volume(req.clone()).await;
+            assert_code(
+                &format!("NodeUnpublishVolume {req:?}"),
+                got,
+                Code::InvalidArgument,
+            );
+        }
     })
     .await
 }

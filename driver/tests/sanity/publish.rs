@@ -3,6 +3,7 @@
 
 use holdfast_core::csi::v1::{
     ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest, DeleteVolumeRequest,
+    NodeGetInfoRequest,
 };
 use tonic::Code;
 
@@ -54,15 +55,18 @@ async fn controller_publish_without_volume_id_is_invalid_argument() {
     bounded(async {
         let Some(s) = start().await else { return };
         let node = s.node_id().await;
-        let got = s
-            .controller()
-            .controller_publish_volume(publish("", &node))
-            .await;
-        assert_code(
-            "ControllerPublishVolume with no volume id",
-            got,
-            Code::InvalidArgument,
-        );
+        // csi-sanity sends an empty request; the other fields set prove the id check itself.
+        for req in [
+            ControllerPublishVolumeRequest::default(),
+            publish("", &node),
+        ] {
+            let got = s.controller().controller_publish_volume(req.clone()).await;
+            assert_code(
+                &format!("ControllerPublishVolume {req:?}"),
+                got,
+                Code::InvalidArgument,
+            );
+        }
     })
     .await
 }
@@ -72,15 +76,19 @@ async fn controller_publish_without_node_id_is_invalid_argument() {
     bounded(async {
         let Some(s) = start().await else { return };
         let vol = s.create(create_request(&unique("pub-nonode"), None)).await;
-        let got = s
-            .controller()
-            .controller_publish_volume(publish(&vol.volume_id, ""))
-            .await;
-        assert_code(
-            "ControllerPublishVolume with no node id",
-            got,
-            Code::InvalidArgument,
-        );
+        // csi-sanity: only an id that names nothing. Then a real volume and capability.
+        let bare = ControllerPublishVolumeRequest {
+            volume_id: absent_volume_id(),
+            ..Default::default()
+        };
+        for req in [bare, publish(&vol.volume_id, "")] {
+            let got = s.controller().controller_publish_volume(req.clone()).await;
+            assert_code(
+                &format!("ControllerPublishVolume {req:?}"),
+                got,
+                Code::InvalidArgument,
+            );
+        }
     })
     .await
 }
@@ -91,14 +99,19 @@ async fn controller_publish_without_capability_is_invalid_argument() {
         let Some(s) = start().await else { return };
         let vol = s.create(create_request(&unique("pub-nocap"), None)).await;
         let node = s.node_id().await;
-        let mut req = publish(&vol.volume_id, &node);
-        req.volume_capability = None;
-        let got = s.controller().controller_publish_volume(req).await;
-        assert_code(
-            "ControllerPublishVolume with no capability",
-            got,
-            Code::InvalidArgument,
-        );
+        // csi-sanity names a volume and a node that do not exist: the check comes first.
+        let mut bare = publish(&absent_volume_id(), &unique("fake-node-id"));
+        bare.volume_capability = None;
+        let mut full = publish(&vol.volume_id, &node);
+        full.volume_capability = None;
+        for req in [bare, full] {
+            let got = s.controller().controller_publish_volume(req.clone()).await;
+            assert_code(
+                &format!("ControllerPublishVolume {req:?}"),
+                got,
+                Code::InvalidArgument,
+            );
+        }
     })
     .await
 }
@@ -177,20 +190,57 @@ async fn controller_publish_with_other_readonly_flag_is_already_exists() {
     .await
 }
 
+/// csi-sanity runs this only with `--csi.testnodevolumeattachlimit`; it matters only when
+/// the node reports a limit at all.
+#[tokio::test]
+async fn controller_publish_beyond_the_node_attach_limit_fails() {
+    bounded(async {
+        let Some(s) = start().await else { return };
+        let info = assert_ok(
+            "NodeGetInfo",
+            s.node().node_get_info(NodeGetInfoRequest {}).await,
+        );
+        if info.max_volumes_per_node <= 0 {
+            return;
+        }
+        for i in 0..info.max_volumes_per_node {
+            let vol = s
+                .create(create_request(&unique(&format!("limit-{i}")), None))
+                .await;
+            s.controller_publish(&vol, &info.node_id).await;
+        }
+        let extra = s.create(create_request(&unique("limit-extra"), None)).await;
+        let got = s
+            .controller()
+            .controller_publish_volume(publish(&extra.volume_id, &info.node_id))
+            .await;
+        assert!(
+            got.is_err(),
+            "published one volume more than max_volumes_per_node"
+        );
+    })
+    .await
+}
+
 #[tokio::test]
 async fn controller_unpublish_without_volume_id_is_invalid_argument() {
     bounded(async {
         let Some(s) = start().await else { return };
         let node = s.node_id().await;
-        let got = s
-            .controller()
-            .controller_unpublish_volume(unpublish("", &node))
-            .await;
-        assert_code(
-            "ControllerUnpublishVolume with no volume id",
-            got,
-            Code::InvalidArgument,
-        );
+        for req in [
+            ControllerUnpublishVolumeRequest::default(),
+            unpublish("", &node),
+        ] {
+            let got = s
+                .controller()
+                .controller_unpublish_volume(req.clone())
+                .await;
+            assert_code(
+                &format!("ControllerUnpublishVolume {req:?}"),
+                got,
+                Code::InvalidArgument,
+            );
+        }
     })
     .await
 }

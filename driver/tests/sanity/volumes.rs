@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use holdfast_core::csi::v1::{
-    CapacityRange, DeleteVolumeRequest, ValidateVolumeCapabilitiesRequest,
+    CapacityRange, CreateVolumeRequest, DeleteVolumeRequest, ValidateVolumeCapabilitiesRequest,
 };
 use tonic::Code;
 
@@ -19,11 +19,14 @@ use crate::support::{
 async fn create_volume_without_name_is_invalid_argument() {
     bounded(async {
         let s = Sanity::start().await;
-        let got = s
-            .controller()
-            .create_volume(create_request("", Some(TEST_VOLUME_SIZE)))
-            .await;
-        assert_code("CreateVolume with no name", got, Code::InvalidArgument);
+        // csi-sanity sends neither name nor capabilities; then only the name is missing.
+        for req in [
+            CreateVolumeRequest::default(),
+            create_request("", Some(TEST_VOLUME_SIZE)),
+        ] {
+            let got = s.controller().create_volume(req.clone()).await;
+            assert_code(&format!("CreateVolume {req:?}"), got, Code::InvalidArgument);
+        }
     })
     .await
 }
@@ -290,16 +293,21 @@ async fn delete_volume_removes_a_created_volume_and_is_idempotent() {
 async fn validate_capabilities_without_volume_id_is_invalid_argument() {
     bounded(async {
         let s = Sanity::start().await;
-        let req = ValidateVolumeCapabilitiesRequest {
+        let with_caps = ValidateVolumeCapabilitiesRequest {
             volume_capabilities: vec![single_writer()],
             ..Default::default()
         };
-        let got = s.controller().validate_volume_capabilities(req).await;
-        assert_code(
-            "ValidateVolumeCapabilities with no id",
-            got,
-            Code::InvalidArgument,
-        );
+        for req in [ValidateVolumeCapabilitiesRequest::default(), with_caps] {
+            let got = s
+                .controller()
+                .validate_volume_capabilities(req.clone())
+                .await;
+            assert_code(
+                &format!("ValidateVolumeCapabilities {req:?}"),
+                got,
+                Code::InvalidArgument,
+            );
+        }
     })
     .await
 }
