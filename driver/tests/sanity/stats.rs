@@ -99,13 +99,13 @@ async fn volume_stats_at_a_path_where_the_volume_is_not_published_is_not_found()
         let ctx = s.controller_publish(&vol, &node).await;
         let target = s.fresh_target();
         s.node_publish(&vol, &ctx, &target).await;
-        // csi-sanity asks about the relative "some/path"; an absolute path that exists but
-        // holds nothing of this volume must be refused just the same.
+        // An absolute path that exists but holds nothing of this volume; then what
+        // csi-sanity asks about, the relative "some/path".
         let elsewhere = s.fresh_target();
         std::fs::create_dir(&elsewhere).unwrap();
         for path in [
-            "some/path".to_string(),
             elsewhere.to_string_lossy().into_owned(),
+            "some/path".to_string(),
         ] {
             let req = NodeGetVolumeStatsRequest {
                 volume_id: vol.volume_id.clone(),
