@@ -72,5 +72,8 @@ mod node;
 #[path = "sanity/stats.rs"]
 mod stats;
 
+#[path = "sanity/status.rs"]
+mod status;
+
 #[path = "sanity/lifecycle.rs"]
 mod lifecycle;

@@ -166,6 +166,17 @@ async fn lifecycle_with_fresh_target(data_path: Option<&str>) {
             !stats.usage.is_empty(),
             "NodeGetVolumeStats returned no usage"
         );
+        if s.has_node_cap(NodeCap::VolumeCondition).await {
+            // The spec makes the condition mandatory with this capability.
+            let condition = stats
+                .volume_condition
+                .expect("VOLUME_CONDITION advertised, none reported");
+            assert!(
+                !condition.abnormal,
+                "a fresh volume reported abnormal: {}",
+                condition.message
+            );
+        }
     }
 
     assert_ok(
