@@ -4,15 +4,23 @@
 //! It checks what the upstream CSI sanity suite (`csi-sanity`, from
 //! kubernetes-csi/csi-test) checks, for every capability holdfast advertises: which RPC,
 //! which input, which gRPC code comes back. Capability-gated cases follow what the
-//! plugin reports; an RPC it does not advertise must answer UNIMPLEMENTED. A few cases
-//! go further than upstream where the CSI spec is explicit (NOT_FOUND for an unknown
-//! volume on NodePublish and ControllerExpand, no stacked mounts on a repeated
-//! NodePublish, data written through one target readable through the next) or where
-//! holdfast's own contract is (its StorageClass parameters).
+//! plugin reports; an RPC it does not advertise must answer UNIMPLEMENTED. Where
+//! csi-sanity sends a minimal request (say, a random volume id and nothing else), the
+//! same request is sent here, so an implementation that checks existence before
+//! required fields fails here as it would there.
 //!
-//! Each test starts its own plugin process and its own target directory, so tests are
-//! independent and run in parallel; mounts left by a failing test are detached when its
-//! fixture drops.
+//! Some cases go further, where the CSI spec is explicit or csi-sanity depends on it
+//! without a case of its own: NOT_FOUND for unknown volumes on NodePublish and
+//! ControllerExpand; no stacked mounts on a repeated NodePublish; data written through
+//! one target read back through the next; one target path reused by successive volumes
+//! (csi-sanity's `<mountdir>/target`); a NodeUnpublish naming another volume leaving the
+//! mount alone; the MUSTs of LIST_VOLUMES_PUBLISHED_NODES, GET_VOLUME,
+//! SINGLE_NODE_MULTI_WRITER and VOLUME_CONDITION; and holdfast's own StorageClass
+//! parameters. Lifecycles run on both data paths (`fuse`, the default, and `bind`).
+//!
+//! Each test starts its own plugin process (the harness in `tests/common`), so tests are
+//! independent and run in parallel; mounts left by a failing test are detached when the
+//! harness's plugin drops.
 //!
 //! ```text
 //! cargo test -p holdfast-driver --test sanity     # as root: NodePublish really mounts
