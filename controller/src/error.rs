@@ -48,8 +48,11 @@ impl ControllerError {
 
 fn backend_code(error: &BackendError) -> Code {
     match error {
-        BackendError::InvalidVolumeId { .. } | BackendError::NotFound { .. } => Code::NotFound,
+        BackendError::InvalidVolumeId { .. }
+        | BackendError::NotFound { .. }
+        | BackendError::UnknownNode { .. } => Code::NotFound,
         BackendError::InvalidName { .. }
+        | BackendError::InvalidNodeId { .. }
         | BackendError::InvalidParameter { .. }
         | BackendError::UnknownParameters { .. }
         | BackendError::InvalidCapacityRange { .. } => Code::InvalidArgument,
@@ -83,6 +86,12 @@ mod tests {
         let id = || "hf-0".to_string();
         let cases = [
             (BackendError::NotFound { id: id() }, Code::NotFound),
+            (
+                BackendError::UnknownNode {
+                    node_id: "n".into(),
+                },
+                Code::NotFound,
+            ),
             (
                 BackendError::InvalidVolumeId {
                     id: id(),

@@ -65,6 +65,8 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
         source,
     })?;
     let backend = Arc::new(Backend::open(&config.backend_root)?);
+    // Makes this node known to the controller (ControllerPublishVolume refuses others).
+    backend.register_node(&config.node_id)?;
     // Claims are not taken on publish yet; the store is built here so the process
     // holds it for its whole life once they are. Standalone runs only the memory store.
     let _lease_store = match (config.standalone, config.lease_store) {

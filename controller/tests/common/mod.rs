@@ -122,6 +122,10 @@ impl Fixture {
     pub async fn start() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("root")).unwrap();
+        register_nodes(
+            &dir.path().join("root"),
+            &["n1", "n2", "n3", "n4", "node-1"],
+        );
         let process =
             ControllerProcess::start(&dir.path().join("root"), &dir.path().join("c.sock")).await;
         Fixture { dir, process }
@@ -133,6 +137,15 @@ impl Fixture {
 
     pub async fn client(&self) -> ControllerClient<Channel> {
         self.process.controller().await
+    }
+}
+
+/// Registers node ids the way a node plugin does at start (the registry is on the
+/// shared backend root, so a second handle on it is what a node plugin has).
+pub fn register_nodes(root: &Path, nodes: &[&str]) {
+    let backend = holdfast_core::backend::Backend::open(root).unwrap();
+    for node in nodes {
+        backend.register_node(node).unwrap();
     }
 }
 

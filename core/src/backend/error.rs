@@ -12,6 +12,16 @@ pub enum BackendError {
     #[error("{id:?} is not a holdfast volume id: {reason}")]
     InvalidVolumeId { id: String, reason: &'static str },
 
+    #[error("invalid node id {node_id:?}: {reason}")]
+    InvalidNodeId {
+        node_id: String,
+        reason: &'static str,
+    },
+
+    /// No node plugin registered this node id on the backend (CSI NOT_FOUND).
+    #[error("node {node_id:?} is not known: no holdfast node plugin has registered it")]
+    UnknownNode { node_id: String },
+
     #[error("invalid volume name: {reason}")]
     InvalidName { reason: String },
 

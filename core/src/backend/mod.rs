@@ -10,6 +10,7 @@
 //! <root>/volumes/<id>/.holdfast-epoch         fencing epoch (written by the node plugin),
 //!                                             outside `data/` so no pod can touch it
 //! <root>/meta/<id>.json                 0600  the volume's [`VolumeMeta`]
+//! <root>/nodes/node-<hash>.json         0600  a registered node plugin ([`Backend::register_node`])
 //! <root>/trash/                               volumes being deleted
 //! ```
 //!
@@ -26,6 +27,7 @@ mod error;
 mod fsops;
 mod id;
 mod meta;
+mod nodes;
 mod params;
 #[cfg(test)]
 mod tests;
@@ -41,6 +43,7 @@ pub use meta::{
     canonical_capabilities, AccessMode, Capability, CapacityRange, Publication, VolumeMeta,
     VolumeSpec, DEFAULT_CAPACITY_BYTES, META_FORMAT,
 };
+pub use nodes::{validate_node_id, MAX_NODE_ID_BYTES};
 pub use params::{
     DataPath, FenceAction, OnConflict, ParsedParameters, VolumeParams, CO_PARAM_PREFIX,
     PARAM_DATA_PATH, PARAM_EXCLUSIVE, PARAM_FENCE_ACTION, PARAM_ON_CONFLICT,
@@ -49,6 +52,7 @@ pub use params::{
 const VOLUMES_DIR: &str = "volumes";
 const META_DIR: &str = "meta";
 const TRASH_DIR: &str = "trash";
+const NODES_DIR: &str = "nodes";
 /// The directory inside a volume that pods see.
 pub const DATA_DIR: &str = "data";
 /// The fencing epoch file inside a volume's directory, beside (not in) `data/`.
@@ -82,6 +86,7 @@ struct Dirs {
     volumes: OwnedFd,
     meta: OwnedFd,
     trash: OwnedFd,
+    nodes: OwnedFd,
 }
 
 impl Backend {
@@ -93,7 +98,7 @@ impl Backend {
             .canonicalize()
             .map_err(|e| BackendError::io("resolve backend root", root, e))?;
         let root_fd = fsops::open_root(&root)?;
-        for dir in [VOLUMES_DIR, META_DIR, TRASH_DIR] {
+        for dir in [VOLUMES_DIR, META_DIR, TRASH_DIR, NODES_DIR] {
             fsops::ensure_dir(&root_fd, dir, 0o700, &root.join(dir))?;
         }
         let backend = Backend {
@@ -233,7 +238,8 @@ impl Backend {
         Ok(had_dir || had_meta)
     }
 
-    /// Records that the volume is published to `node`. Idempotent for an identical
+    /// Records that the volume is published to `node`, which must have registered
+    /// ([`BackendError::UnknownNode`] otherwise). Idempotent for an identical
     /// publication; see [`VolumeMeta::check_publish`] for what is refused.
     pub fn publish(
         &self,
@@ -247,6 +253,11 @@ impl Backend {
             .read_meta(&dirs, id)?
             .ok_or_else(|| BackendError::NotFound { id: id.to_string() })?;
         if meta.check_publish(node, publication)? {
+            if !self.node_registered(node)? {
+                return Err(BackendError::UnknownNode {
+                    node_id: node.to_owned(),
+                });
+            }
             meta.published.insert(node.to_owned(), publication);
             self.write_meta(&dirs, &meta)?;
         }
@@ -373,6 +384,7 @@ impl Backend {
             volumes: open(VOLUMES_DIR)?,
             meta: open(META_DIR)?,
             trash: open(TRASH_DIR)?,
+            nodes: open(NODES_DIR)?,
         })
     }
 

@@ -30,6 +30,9 @@ fn writer() -> Publication {
 fn setup() -> (tempfile::TempDir, Backend) {
     let dir = tempfile::tempdir().unwrap();
     let backend = Backend::open(dir.path()).unwrap();
+    for node in ["node-1", "n1", "n2"] {
+        backend.register_node(node).unwrap();
+    }
     (dir, backend)
 }
 
@@ -259,6 +262,10 @@ fn metadata_under_the_wrong_id_is_corrupt() {
 fn publish_rules_are_enforced_and_persisted() {
     let (_dir, backend) = setup();
     let id = backend.create_volume(&spec("pvc-a")).unwrap().meta.id;
+    assert!(matches!(
+        backend.publish(&id, "never-registered", writer()),
+        Err(BackendError::UnknownNode { .. })
+    ));
     backend.publish(&id, "n1", writer()).unwrap();
     backend.publish(&id, "n1", writer()).unwrap();
     assert!(matches!(
