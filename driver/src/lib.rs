@@ -7,6 +7,7 @@
 //!   per-volume locks; [`error`]: its error type and the one mapping to gRPC statuses.
 
 pub mod args;
+pub mod datapath;
 pub mod error;
 pub mod mount;
 pub mod node;

@@ -455,3 +455,7 @@ impl Node for NodeService {
         ))
     }
 }
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;
