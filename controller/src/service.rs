@@ -67,8 +67,7 @@ impl ControllerService {
         &self,
         req: CreateVolumeRequest,
     ) -> Result<CreateVolumeResponse, ControllerError> {
-        let name = VolumeName::parse(&req.name)
-            .map_err(|e| ControllerError::invalid("name", e.to_string()))?;
+        let name = VolumeName::parse(&req.name)?;
         let capabilities = convert::capabilities("volume_capabilities", &req.volume_capabilities)?;
         let capacity = convert::capacity_range(req.capacity_range.as_ref())?;
         if req.volume_content_source.is_some() {

@@ -132,6 +132,22 @@ pub fn canonical_capabilities(capabilities: &[Capability]) -> Vec<Capability> {
     caps
 }
 
+/// Capabilities for messages: access modes and fs type. Mount flags are only counted:
+/// they may carry secrets, and these messages end up in logs.
+fn describe(capabilities: &[Capability]) -> String {
+    let one = |c: &Capability| {
+        let mut text = format!("{:?}", c.access_mode);
+        if !c.fs_type.is_empty() {
+            text.push_str(&format!(" fs_type={}", c.fs_type));
+        }
+        if !c.mount_flags.is_empty() {
+            text.push_str(&format!(" with {} mount flag(s)", c.mount_flags.len()));
+        }
+        text
+    };
+    capabilities.iter().map(one).collect::<Vec<_>>().join(", ")
+}
+
 impl VolumeMeta {
     /// Why an existing volume does not satisfy a repeated CreateVolume, or `None` when
     /// the request is a retry and must succeed with this volume.
@@ -146,8 +162,9 @@ impl VolumeMeta {
         }
         if canonical_capabilities(&spec.capabilities) != self.capabilities {
             return Some(format!(
-                "it has capabilities {:?}, the request asks for {:?}",
-                self.capabilities, spec.capabilities
+                "it has capabilities [{}], the request asks for [{}]",
+                describe(&self.capabilities),
+                describe(&canonical_capabilities(&spec.capabilities))
             ));
         }
         if spec.params != self.params {
