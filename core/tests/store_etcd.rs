@@ -202,3 +202,21 @@ async fn connect_opens_the_configured_store() {
         Err(StoreError::Backend(_))
     ));
 }
+
+#[tokio::test]
+async fn a_zero_or_foreign_version_never_turns_an_update_into_a_create() {
+    // An absent key has mod revision 0: comparing against "0" would let an update
+    // create the record blindly.
+    let etcd = EtcdServer::start();
+    let store = etcd.store("/z/").await;
+    let c = conformance::claim("v", "n1", ClaimState::Held, 1);
+    for bogus in ["0", "-1", "abc", ""] {
+        let version = holdfast_core::store::Version(bogus.into());
+        let put = store.put_claim(&c, Some(&version)).await;
+        assert!(
+            matches!(put, Err(StoreError::Conflict { .. })),
+            "{bogus:?}: {put:?}"
+        );
+        assert!(store.get_claim("v").await.unwrap().is_none(), "{bogus:?}");
+    }
+}
