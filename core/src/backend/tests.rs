@@ -329,3 +329,26 @@ fn concurrent_identical_creates_yield_one_volume() {
     assert_eq!(results.iter().filter(|c| c.newly_created).count(), 1);
     assert!(results.iter().all(|c| c.meta == results[0].meta));
 }
+
+#[test]
+fn non_directories_and_fifos_are_refused_without_hanging() {
+    let (dir, backend) = setup();
+    let s = spec("pvc-odd");
+    let id = VolumeId::for_name(&s.name);
+    std::fs::write(dir.path().join("volumes").join(id.as_str()), b"not a dir").unwrap();
+    assert_unsafe(backend.create_volume(&s));
+    assert_unsafe(backend.data_dir(&id));
+
+    let other = VolumeId::for_name(&VolumeName::parse("pvc-fifo").unwrap());
+    let fifo = dir.path().join("meta").join(format!("{other}.json"));
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    // Opening a FIFO for reading would block forever without O_NONBLOCK.
+    assert_unsafe(backend.volume(&other));
+}
