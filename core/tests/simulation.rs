@@ -26,7 +26,7 @@ fn seeds() -> Vec<u64> {
 fn no_schedule_violates_the_invariant() {
     let config = SimConfig::standard();
     let started = Instant::now();
-    let (mut events, mut grants, mut takeovers) = (0, 0, 0);
+    let (mut events, mut grants, mut takeovers, mut seen, mut freed) = (0, 0, 0, 0, 0);
     let mut failures = Vec::new();
     let seeds = seeds();
     for &seed in &seeds {
@@ -34,6 +34,8 @@ fn no_schedule_violates_the_invariant() {
         events += outcome.events;
         grants += outcome.grants;
         takeovers += outcome.takeovers_by_timeout;
+        seen += outcome.predecessors_seen;
+        freed += outcome.predecessors_freed;
         if seeds.len() == 1 {
             println!("seed {seed}: {outcome:?}");
         }
@@ -45,7 +47,8 @@ fn no_schedule_violates_the_invariant() {
     }
     println!(
         "simulation: {} schedules, {} violations, {events} events, {grants} grants, \
-         {takeovers} takeovers by timeout, {:.1}s",
+         {takeovers} takeovers by timeout, {freed} of {seen} predecessor sessions proven \
+         dead, {:.1}s",
         seeds.len(),
         failures.len(),
         started.elapsed().as_secs_f64()
@@ -56,8 +59,17 @@ fn no_schedule_violates_the_invariant() {
         failures.join("\n")
     );
     if seeds.len() > 100 {
-        // Not vacuous: the schedules exercise grants and timeout takeovers.
-        assert!(grants > seeds.len() as u64 && takeovers > seeds.len() as u64 / 10);
+        // Not vacuous: the schedules exercise grants, timeout takeovers, and both
+        // proven-dead and possibly-alive predecessors.
+        let n = seeds.len() as u64;
+        assert!(
+            grants > n && takeovers > n / 10,
+            "{grants} grants, {takeovers} takeovers"
+        );
+        assert!(
+            freed > n / 10 && seen > freed,
+            "{freed} of {seen} predecessors freed"
+        );
     }
 }
 
@@ -105,4 +117,9 @@ fn finds_the_violation_when_release_is_unconditional() {
 #[test]
 fn finds_the_violation_when_a_timeout_takeover_keeps_the_session() {
     assert_found(Weakness::NoSessionExpiry);
+}
+
+#[test]
+fn finds_the_violation_when_a_live_predecessor_is_presumed_dead() {
+    assert_found(Weakness::NoNodeLock);
 }

@@ -3,7 +3,8 @@
 //!
 //! Rules (each has a test below that fails without it):
 //! - a claim may be taken when it is absent, released or fenced; when it is already held
-//!   by the same pod on the same node; when the holder's node is fenced; when the
+//!   by the same pod through this same session (idempotent); when the holder's node is
+//!   fenced; when the
 //!   holder's session record is absent; or when the holder's session was seen unchanged
 //!   for `W` on *this* node's clock ([`SessionObserver`]) — and then only after deleting
 //!   exactly that session version;
@@ -110,8 +111,6 @@ pub enum TakeReason {
     Free,
     Released,
     Fenced,
-    /// Same pod on the same node, through another session (plugin restarted).
-    SamePod,
     /// Same pod, same session, after this session released (or began releasing) it.
     Reacquired,
     HolderNodeFenced,
@@ -202,15 +201,17 @@ pub fn decide_acquire(input: &AcquireInput<'_>, params: &LeaseParams) -> Acquire
         ClaimState::Held => {}
     }
     let holder = &claim.holder;
-    if holder.node == me.node && holder.pod_uid == me.pod_uid {
-        if holder.instance != me.instance {
-            return take(next, TakeReason::SamePod);
-        }
+    if holder == me {
         if released == Some(claim.epoch) {
             return take(next, TakeReason::Reacquired);
         }
         return AcquireDecision::AlreadyHeld { epoch: claim.epoch };
     }
+    // The same pod through *another* session of this node (an older plugin instance)
+    // is treated like any other holder: that instance may still serve the pod's data
+    // path, and if the new instance took the claim and later released it, the old
+    // path would stay open beside the next holder. It is free once that session is
+    // gone — deleted by its owner at shutdown, proven dead at start-up, or timed out.
     if holder_node_fenced {
         return take(next, TakeReason::HolderNodeFenced);
     }

@@ -170,14 +170,21 @@ fn a_restarted_observer_starts_every_timer_afresh() {
 }
 
 #[test]
-fn same_pod_on_same_node_takes_over_from_an_older_session() {
+fn same_pod_through_an_older_live_session_waits_for_that_session() {
     let mine_old = claim(holder("b", "pod-b", "old-instance"), ClaimState::Held, 2);
     let live = SessionView::Seen {
         version: v("1"),
         first_seen: at(0),
     };
-    let (c, reason) = taken(decide(Some(&mine_old), &live, false, at(1)));
-    assert_eq!((c.epoch, c.holder, reason), (3, me(), TakeReason::SamePod));
+    assert!(matches!(
+        decide(Some(&mine_old), &live, false, at(1)),
+        AcquireDecision::Refuse { .. }
+    ));
+    let (c, reason) = taken(decide(Some(&mine_old), &SessionView::Absent, false, at(1)));
+    assert_eq!(
+        (c.epoch, c.holder, reason),
+        (3, me(), TakeReason::HolderSessionGone)
+    );
     let mine = claim(me(), ClaimState::Held, 2);
     assert_eq!(
         decide(Some(&mine), &live, false, at(1)),

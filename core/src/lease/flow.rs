@@ -123,10 +123,12 @@ impl AcquireAttempt {
                         )));
                     }
                 }
+                // Another session's claim: look at that session. (A claim of our own
+                // session needs no look: it is ours, or another pod's that never
+                // times out from here.)
                 let held_by_other = claim.as_ref().is_some_and(|c| {
                     c.value.state == ClaimState::Held
-                        && !(c.value.holder.node == self.me.node
-                            && c.value.holder.pod_uid == self.me.pod_uid)
+                        && c.value.holder.session() != self.me.session()
                 });
                 self.claim = claim;
                 if held_by_other {

@@ -1,7 +1,8 @@
 //! A deterministic simulation of the lease protocol: N nodes, one store, and a seeded
 //! schedule of faults — clock-rate drift within ε, message delay and loss, partitions,
-//! process pauses longer than D, crashes and restarts, reboots (new boot id), store
-//! outages, and admin fences of powered-off nodes.
+//! process pauses longer than D, crashes and restarts, reboots (new boot id), rolling
+//! updates (two instances overlapping on one node), store outages, and admin fences of
+//! powered-off nodes.
 //!
 //! The simulated plugins run the real pure protocol: [`crate::lease::flow::AcquireAttempt`]
 //! for every acquire, [`crate::lease::session::RenewState`] for renewals,
@@ -40,6 +41,9 @@ pub enum Weakness {
     /// A timeout takeover skips deleting the timed session version, so the old holder
     /// can still renew afterwards.
     NoSessionExpiry,
+    /// Recovery presumes every same-boot predecessor dead without taking its flock,
+    /// so a live old instance (rolling update) loses its claims while still writing.
+    NoNodeLock,
 }
 
 /// One simulation's shape.
@@ -84,6 +88,10 @@ pub struct SimOutcome {
     pub events: u64,
     pub grants: u64,
     pub takeovers_by_timeout: u64,
+    /// Other sessions of its node a starting instance looked at, and those it proved
+    /// dead (reboot or released flock) and freed.
+    pub predecessors_seen: u64,
+    pub predecessors_freed: u64,
     /// The first invariant violation, described with its time and holders.
     pub violation: Option<String>,
 }

@@ -148,6 +148,12 @@ impl World {
     pub(super) fn on_timer(&mut self, id: u64, kind: TimerKind) {
         match kind {
             TimerKind::Renew => self.renew_tick(id),
+            TimerKind::Exit => {
+                let node = self.procs[&id].node;
+                self.kill_proc(id);
+                let at = self.now + self.d_frac(0.05, 0.5);
+                self.schedule(at, Ev::Restart { node });
+            }
             TimerKind::Work => self.work_tick(id),
             TimerKind::Poll => {
                 if matches!(self.procs[&id].work, Work::Idle) {
@@ -457,12 +463,17 @@ impl World {
             (Work::Listing, SimReply::Sessions(sessions)) => {
                 let node = self.procs[&id].node;
                 let me = self.identity(node);
+                self.outcome.predecessors_seen += sessions.len().saturating_sub(1) as u64;
                 let dead: Vec<(SessionKey, Version)> = sessions
                     .into_iter()
                     .filter(|s| s.value.instance != key.instance)
                     .filter(|s| {
-                        predecessor_fate(&me, &s.value, self.probe_lock(node, &s.value.instance))
-                            .is_some()
+                        let probe = match weakness {
+                            // Weakened: every same-boot predecessor presumed dead.
+                            Weakness::NoNodeLock => LockProbe::Acquired,
+                            _ => self.probe_lock(node, &s.value.instance),
+                        };
+                        predecessor_fate(&me, &s.value, probe).is_some()
                     })
                     .map(|s| (s.value.key(), s.version))
                     .collect();
@@ -486,6 +497,7 @@ impl World {
                     }
                 }
                 let node = self.procs[&id].node;
+                self.outcome.predecessors_freed += dead.len() as u64;
                 for (session, version) in dead {
                     self.nodes[node].locks.remove(&session.instance);
                     ops.push(SimOp::Flow(StoreOp::DeleteSession(session, version)));

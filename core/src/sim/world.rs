@@ -55,6 +55,8 @@ pub(super) enum TimerKind {
     Renew,
     Work,
     Poll,
+    /// The old instance of a rolling update exits.
+    Exit,
     Timeout(u64),
 }
 
@@ -344,8 +346,26 @@ impl World {
         } else if roll < 0.80 {
             let node = self.rng.pick(self.nodes.len());
             self.nodes[node].partitioned_until = self.now + self.d_frac(0.2, 3.0);
-        } else if roll < 0.90 {
+        } else if roll < 0.88 {
             self.store_down_until = self.now + self.d_frac(0.1, 2.0);
+        } else if roll < 0.96 && !alive.is_empty() {
+            // A rolling update: a new instance starts beside the old one, which keeps
+            // its claims until it exits a little later.
+            let id = alive[self.rng.pick(alive.len())];
+            let node = self.procs[&id].node;
+            if alive.iter().filter(|p| self.procs[p].node == node).count() == 1 {
+                self.start_proc(node);
+                let exit = self.nodes[node]
+                    .clock
+                    .real_for(self.cfg.params.duration.mul_f64(0.1 + self.rng.unit()));
+                self.schedule(
+                    self.now + exit,
+                    Ev::Timer {
+                        proc: id,
+                        kind: TimerKind::Exit,
+                    },
+                );
+            }
         } else if let Some(&node) = up.iter().find(|&&n| self.nodes[n].fenced) {
             let name = self.nodes[node].name.clone();
             self.store.unfence_node(&name);
