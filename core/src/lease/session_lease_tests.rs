@@ -360,3 +360,30 @@ async fn a_retried_release_never_frees_a_later_grant_to_the_same_pod() {
     a.release("vol", 1).await.unwrap();
     assert_eq!(a.claim_status("vol", 2).await.unwrap(), ClaimStatus::Held);
 }
+
+/// A dead same-boot predecessor's bind-mounted claim (its pod may still be writing) is
+/// adopted by the new session at a higher epoch instead of being released.
+#[tokio::test]
+async fn claims_whose_data_path_outlives_the_process_are_adopted_not_released() {
+    let mut env = Env::new();
+    let dir = env.dir(0);
+    std::fs::create_dir_all(dir.join("sessions")).unwrap();
+    std::fs::write(dir.join("sessions/pred.lock"), b"").unwrap(); // nobody holds it
+    leave_predecessor(&env, "pred", "boot", "machine-a").await;
+    let options = SessionOptions {
+        data_path_survives: Some(Arc::new(|claim: &ClaimRecord| claim.volume_id == "vol")),
+    };
+    let a = SessionLease::start_with(env.dyn_store(), ident("a", "boot"), params(), &dir, options)
+        .await
+        .unwrap();
+    assert!(a.recovery().released.is_empty());
+    let adopted = &a.recovery().adopted;
+    assert_eq!(adopted.len(), 1);
+    assert_eq!(
+        (adopted[0].epoch, adopted[0].holder.instance.clone()),
+        (5, a.key().instance)
+    );
+    assert_eq!(a.acquire("vol", "pod-old", None).await.unwrap().epoch, 5);
+    let b = env.start("b", 1, "boot").await;
+    held(b.acquire("vol", "pod-b", None).await.unwrap_err());
+}
