@@ -42,8 +42,6 @@ apt_install() {
 # fusermount3 is not used by the driver (it mounts with mount(2)), but fuse3 brings the
 # udev rule and tools that make /dev/fuse usable and debuggable.
 command -v fusermount3 >/dev/null || apt_install fuse3
-# etcd-client (the etcd lease store) compiles etcd's protobuf API with protoc at build time.
-command -v protoc >/dev/null || apt_install protobuf-compiler
 # Network namespaces for the end-to-end tests' partitions.
 command -v ip >/dev/null || apt_install iproute2
 
