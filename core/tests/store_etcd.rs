@@ -220,3 +220,16 @@ async fn a_zero_or_foreign_version_never_turns_an_update_into_a_create() {
         assert!(store.get_claim("v").await.unwrap().is_none(), "{bogus:?}");
     }
 }
+
+#[tokio::test]
+async fn a_server_listening_on_all_addresses_is_reachable() {
+    use holdfast_core::testkit::etcd::EtcdOptions;
+    let etcd = EtcdServer::start_with(EtcdOptions {
+        listen_ip: "0.0.0.0".parse().unwrap(),
+        ..EtcdOptions::default()
+    });
+    assert!(etcd.client_url().starts_with("http://127.0.0.1:"));
+    let store = etcd.store("/all/").await;
+    let c = conformance::claim("v", "n1", ClaimState::Held, 1);
+    store.put_claim(&c, None).await.unwrap();
+}

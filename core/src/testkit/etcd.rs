@@ -11,6 +11,10 @@
 //! [`EtcdServer::kill`] sends SIGKILL (connections are refused), and
 //! [`EtcdServer::restart`] starts it again on the same ports and data.
 //!
+//! Processes in other network namespaces (e2e partitions) cannot reach the host's
+//! loopback: start with [`EtcdOptions::listen_ip`] = `0.0.0.0` (or the host end of a
+//! veth) and give them [`EtcdServer::client_url_at`] the address they can route to.
+//!
 //! From another crate's tests:
 //! ```toml
 //! [dev-dependencies]
@@ -23,7 +27,7 @@
 //! ```
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,12 +39,30 @@ use crate::store::etcd::{EtcdStore, EtcdStoreConfig};
 const START_ATTEMPTS: usize = 5;
 const HEALTHY_WITHIN: Duration = Duration::from_secs(20);
 
+/// How to start an [`EtcdServer`].
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// fsync every commit, as in production (benchmarks); tests leave it off for speed.
+    pub durable: bool,
+    /// The address etcd listens on for clients (peers always use loopback).
+    pub listen_ip: IpAddr,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        Self {
+            durable: false,
+            listen_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+}
+
 /// A running etcd; killed when dropped.
 pub struct EtcdServer {
     child: Option<Child>,
     client_port: u16,
     peer_port: u16,
-    durable: bool,
+    options: EtcdOptions,
     dir: tempfile::TempDir,
 }
 
@@ -48,19 +70,24 @@ impl EtcdServer {
     /// Starts etcd with fsync disabled (`--unsafe-no-fsync`): fast, for tests that do
     /// not measure latency nor survive a machine crash. Panics if etcd cannot start.
     pub fn start() -> EtcdServer {
-        Self::start_with(false)
+        Self::start_with(EtcdOptions::default())
     }
 
     /// Starts etcd with fsync on every commit, as in production (for benchmarks).
     pub fn start_durable() -> EtcdServer {
-        Self::start_with(true)
+        Self::start_with(EtcdOptions {
+            durable: true,
+            ..EtcdOptions::default()
+        })
     }
 
-    fn start_with(durable: bool) -> EtcdServer {
+    /// Starts etcd as `options` say. Panics if etcd cannot start.
+    pub fn start_with(options: EtcdOptions) -> EtcdServer {
         let bin = etcd_bin_vendored::etcd_bin_path().expect("etcd binary for this platform");
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
-            let (client_port, peer_port) = (free_port(), free_port());
+            let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let (client_port, peer_port) = (free_port(options.listen_ip), free_port(loopback));
             if client_port == peer_port {
                 continue;
             }
@@ -68,7 +95,7 @@ impl EtcdServer {
                 child: None,
                 client_port,
                 peer_port,
-                durable,
+                options: options.clone(),
                 dir: tempfile::tempdir().expect("temp dir for etcd"),
             };
             match server.spawn(bin.into()) {
@@ -80,6 +107,10 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self, bin: PathBuf) -> Result<(), String> {
+        let listen = format!(
+            "http://{}",
+            SocketAddr::new(self.options.listen_ip, self.client_port)
+        );
         let client = self.client_url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log_path = self.dir.path().join("etcd.log");
@@ -94,7 +125,7 @@ impl EtcdServer {
                 "--data-dir={}",
                 self.dir.path().join("data").display()
             ))
-            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--listen-client-urls={listen}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
@@ -103,7 +134,7 @@ impl EtcdServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        if !self.durable {
+        if !self.options.durable {
             cmd.arg("--unsafe-no-fsync");
         }
         let child = cmd.spawn().map_err(|e| format!("spawning etcd: {e}"))?;
@@ -121,7 +152,7 @@ impl EtcdServer {
                     log_tail(&log_path)
                 ));
             }
-            if healthy(self.client_port) {
+            if healthy(&self.client_url()) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -130,9 +161,25 @@ impl EtcdServer {
         Err(format!("etcd not healthy in time: {}", log_tail(&log_path)))
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:40123`.
+    /// The client URL, e.g. `http://127.0.0.1:40123` (the listen address, or loopback
+    /// when listening on all addresses).
     pub fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let ip = if self.options.listen_ip.is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            self.options.listen_ip
+        };
+        self.client_url_at(ip)
+    }
+
+    /// The client URL as reached through `ip` (e.g. the host's veth address, for a
+    /// process in another network namespace).
+    pub fn client_url_at(&self, ip: IpAddr) -> String {
+        format!("http://{}", SocketAddr::new(ip, self.client_port))
+    }
+
+    pub fn client_port(&self) -> u16 {
+        self.client_port
     }
 
     /// The endpoints to give an etcd client.
@@ -196,14 +243,19 @@ impl Drop for EtcdServer {
     }
 }
 
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+fn free_port(ip: IpAddr) -> u16 {
+    let listener = TcpListener::bind(SocketAddr::new(ip, 0)).expect("binding a free port");
     listener.local_addr().expect("local addr").port()
 }
 
 /// etcd's `/health` over plain HTTP/1.0 (the client port serves HTTP beside gRPC).
-fn healthy(port: u16) -> bool {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+fn healthy(client_url: &str) -> bool {
+    let Some(Ok(addr)) = client_url
+        .strip_prefix("http://")
+        .map(str::parse::<SocketAddr>)
+    else {
+        return false;
+    };
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };
