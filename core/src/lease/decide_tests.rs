@@ -347,3 +347,46 @@ fn reacquire_after_own_release_never_reuses_the_released_epoch() {
         AcquireDecision::AlreadyHeld { epoch: 2 }
     );
 }
+
+#[test]
+fn liveness_for_observers_follows_the_acquire_rules() {
+    let p = params();
+    let held = claim(holder("a", "pod-a", "ia"), ClaimState::Held, 3);
+    let seen = SessionView::Seen {
+        version: v("1"),
+        first_seen: at(1000),
+    };
+    assert_eq!(
+        claim_liveness(None, &seen, false, at(1000), &p),
+        ClaimLiveness::Free
+    );
+    let released = claim(holder("a", "pod-a", "ia"), ClaimState::Released, 3);
+    assert_eq!(
+        claim_liveness(Some(&released), &seen, false, at(1000), &p),
+        ClaimLiveness::Free
+    );
+    assert_eq!(
+        claim_liveness(Some(&held), &seen, false, at(1000), &p),
+        ClaimLiveness::Live {
+            holder: held.holder.clone(),
+            epoch: 3,
+            expires_in: p.takeover_wait()
+        }
+    );
+    let takeable = ClaimLiveness::Takeable {
+        holder: held.holder.clone(),
+        epoch: 3,
+    };
+    assert_eq!(
+        claim_liveness(Some(&held), &seen, false, at(1000) + p.takeover_wait(), &p),
+        takeable
+    );
+    assert_eq!(
+        claim_liveness(Some(&held), &seen, true, at(1000), &p),
+        takeable
+    );
+    assert_eq!(
+        claim_liveness(Some(&held), &SessionView::Absent, false, at(1000), &p),
+        takeable
+    );
+}

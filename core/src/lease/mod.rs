@@ -35,7 +35,7 @@ pub mod session;
 pub mod session_lease;
 
 pub use client::LeaseClient;
-pub use decide::{ClaimStatus, Observations, SessionObserver, SessionView};
+pub use decide::{ClaimLiveness, ClaimStatus, Observations, SessionObserver, SessionView};
 pub use error::LeaseError;
 pub use fence::{fence_node, unfence_node, FenceReport};
 pub use flow::Grant;

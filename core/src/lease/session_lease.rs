@@ -98,8 +98,30 @@ impl SessionLease {
         let version = client.store().put_session(&record, None).await?;
         let deadline = SessionDeadline::new();
         deadline.extend_to(sent + params.self_fence_after());
-        let recovery = recover_predecessors(
-            client.store().as_ref(),
+        // Renewing starts before recovery, which may take a while on a busy store.
+        let flags = Arc::new(Flags::default());
+        let (stop, stopped) = watch::channel(false);
+        let renewer = tokio::spawn(renew_loop(
+            client.clone(),
+            RenewState::new(record.clone(), version),
+            deadline.clone(),
+            flags.clone(),
+            stopped,
+        ));
+        // Built before recovery so that, if this future is dropped mid-way, dropping
+        // the lease stops the renewer.
+        let mut lease = SessionLease {
+            client,
+            key: record.key(),
+            deadline,
+            flags,
+            recovery: RecoveryReport::default(),
+            stop,
+            renewer: Some(renewer),
+            _lock: lock,
+        };
+        lease.recovery = recover_predecessors(
+            lease.client.store().as_ref(),
             &identity,
             &instance,
             state_dir,
@@ -110,25 +132,7 @@ impl SessionLease {
             tracing::warn!(%err, "recovery of predecessor sessions failed; their claims will expire");
             RecoveryReport::default()
         });
-        let flags = Arc::new(Flags::default());
-        let (stop, stopped) = watch::channel(false);
-        let renewer = tokio::spawn(renew_loop(
-            client.clone(),
-            RenewState::new(record.clone(), version),
-            deadline.clone(),
-            flags.clone(),
-            stopped,
-        ));
-        Ok(SessionLease {
-            client,
-            key: record.key(),
-            deadline,
-            flags,
-            recovery,
-            stop,
-            renewer: Some(renewer),
-            _lock: lock,
-        })
+        Ok(lease)
     }
 
     /// The self-fence deadline every volume gate of this session shares.
