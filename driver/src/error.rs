@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use holdfast_core::backend::BackendError;
 use tonic::Status;
 
+use crate::datapath::DataPathError;
 use crate::mount::MountError;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +38,8 @@ pub enum NodeError {
     },
     #[error("invalid volume_context: {0}")]
     VolumeContext(BackendError),
-    #[error("data path {0:?} is not available in this build of the node plugin")]
-    DataPathUnavailable(&'static str),
+    #[error("FUSE data path: {0}")]
+    DataPath(#[from] DataPathError),
     #[error(transparent)]
     Mount(#[from] MountError),
     #[error(transparent)]
@@ -88,10 +89,10 @@ impl From<NodeError> for Status {
             | NodeError::TargetParentMissing(_)
             | NodeError::TargetNotDirectory(_)
             | NodeError::TargetShowsOtherVolume { .. }
-            | NodeError::DataPathUnavailable(_)
             | NodeError::Mount(MountError::Busy { .. }) => Status::failed_precondition(message),
             NodeError::VolumeContext(_) => Status::invalid_argument(message),
             NodeError::Mount(_)
+            | NodeError::DataPath(_)
             | NodeError::Backend(_)
             | NodeError::Io { .. }
             | NodeError::Task(_) => Status::internal(message),

@@ -3,15 +3,19 @@
 //! - [`args`]: the command line and the checked [`args::Config`].
 //! - [`mount`]: every mount syscall and the mount table (the only place they happen).
 //! - [`plugin`]: [`run`], the process: services on one socket, graceful stop.
-//! - [`node`]: the CSI Node service; [`published`]: its table of published targets and
-//!   per-volume locks; [`error`]: its error type and the one mapping to gRPC statuses.
+//! - [`node`]: the CSI Node service (the gRPC boundary); [`publisher`]: what publish,
+//!   unpublish and stats do on the node (bind mount or FUSE); [`published`]: the table
+//!   of published targets and the per-volume locks; [`error`]: the node's error type
+//!   and its one mapping to gRPC statuses.
+//! - [`datapath`]: the fenced FUSE data path.
 
 pub mod args;
 pub mod datapath;
 pub mod error;
 pub mod mount;
 pub mod node;
-pub mod published;
 pub mod plugin;
+pub mod published;
+pub mod publisher;
 
 pub use plugin::{run, RunError};

@@ -1,20 +1,16 @@
-//! The CSI Node service: publishes a volume's data directory at a pod's target path and
-//! takes it away again, and reports usage of published targets.
+//! The CSI Node service: the gRPC boundary over [`Publisher`].
 //!
-//! Owns the [`PublishedTable`] (mutated here only, after the mount it describes exists
-//! or is gone) and the per-volume [`VolumeLocks`]: publish and unpublish of one volume
-//! run one at a time, so "is it mounted?" and "mount it" cannot interleave with another
-//! call's unmount. Staging is not advertised, so NodeStage/NodeUnstage (and expansion,
-//! which needs nothing on the node) are `UNIMPLEMENTED`.
-//!
-//! Request fields are checked with `holdfast_core::csi::validate` before any state is
-//! touched; every other failure is a [`NodeError`] mapped to a status in `error.rs`.
+//! Validates every request field (with `holdfast_core::csi::validate`, before any
+//! state is touched), takes the volume's lock around publish and unpublish, so that
+//! "is it mounted?" and "mount it" of one volume cannot interleave with another call,
+//! runs the blocking work off the async workers, and turns results into CSI messages.
+//! Failures are [`NodeError`]s, mapped to statuses in `error.rs`. Staging is not
+//! advertised, so NodeStage/NodeUnstage (and expansion, which needs nothing on the
+//! node) are `UNIMPLEMENTED`.
 
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use holdfast_core::backend::{Backend, DataPath, VolumeId};
+use holdfast_core::backend::{Backend, VolumeId};
 use holdfast_core::csi::v1::node_server::{Node, NodeServer};
 use holdfast_core::csi::v1::{
     node_service_capability, volume_capability, volume_usage, NodeExpandVolumeRequest,
@@ -29,57 +25,21 @@ use holdfast_core::csi::validate;
 use tonic::{Request, Response, Status};
 
 use crate::error::NodeError;
-use crate::mount::{self, DetachPolicy, MountTable};
-use crate::published::{DataPathKind, Published, PublishedTable, VolumeLocks};
-
-/// `<root>/volumes`: where every volume directory lives (see `holdfast_core::backend`).
-const VOLUMES_DIR: &str = "volumes";
-/// How many stacked mounts of one volume unpublish removes from one target at most.
-const MAX_STACKED_MOUNTS: usize = 16;
+use crate::published::PublishedTable;
+use crate::publisher::{PublishPlan, Publisher, TargetUsage};
 
 pub struct NodeService {
-    state: Arc<NodeState>,
-}
-
-struct NodeState {
     node_id: String,
-    backend: Arc<Backend>,
-    published: Mutex<PublishedTable>,
-    locks: VolumeLocks,
-}
-
-/// A NodePublishVolume request after field validation.
-struct PublishPlan {
-    volume: VolumeId,
-    target: PathBuf,
-    readonly: bool,
-    /// SINGLE_NODE_SINGLE_WRITER: at most one target on this node.
-    single_target: bool,
+    publisher: Arc<Publisher>,
 }
 
 impl NodeService {
     /// A Node service for `node_id` over `backend`, with the published table rebuilt
     /// from the current mount table.
     pub fn new(node_id: String, backend: Arc<Backend>) -> Result<NodeService, NodeError> {
-        let volumes_dir = backend.root().join(VOLUMES_DIR);
-        let table = MountTable::read()?;
-        let published = match table.locate(&volumes_dir) {
-            Some(location) => PublishedTable::recover(&table, &location),
-            None => PublishedTable::default(),
-        };
-        if !published.is_empty() {
-            tracing::info!(
-                targets = published.len(),
-                "recovered published targets from the mount table"
-            );
-        }
         Ok(NodeService {
-            state: Arc::new(NodeState {
-                node_id,
-                backend,
-                published: Mutex::new(published),
-                locks: VolumeLocks::default(),
-            }),
+            node_id,
+            publisher: Arc::new(Publisher::new(backend)?),
         })
     }
 
@@ -89,146 +49,27 @@ impl NodeService {
 
     /// A copy of the published-target table.
     pub fn published(&self) -> PublishedTable {
-        self.state.table().clone()
+        self.publisher.table().clone()
     }
 }
 
-impl NodeState {
-    fn table(&self) -> std::sync::MutexGuard<'_, PublishedTable> {
-        self.published.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Makes the target show the volume, or confirms it already does (idempotent).
-    fn publish(&self, plan: &PublishPlan) -> Result<(), NodeError> {
-        let id = plan.volume.as_str();
-        let meta = self
-            .backend
-            .volume(&plan.volume)?
-            .ok_or_else(|| NodeError::VolumeNotFound(id.to_string()))?;
-        if meta.params.data_path == DataPath::Fuse {
-            return Err(NodeError::DataPathUnavailable("fuse"));
+fn stats_response(usage: TargetUsage, path: &std::path::Path) -> NodeGetVolumeStatsResponse {
+    let st = usage.stat;
+    let bytes = |blocks: u64| i64::try_from(blocks.saturating_mul(st.f_frsize)).unwrap_or(i64::MAX);
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let volume_condition = if usage.mounted {
+        VolumeCondition {
+            abnormal: false,
+            message: "ok".into(),
         }
-        // Opened without following symlinks below the root; the bind below goes through
-        // this descriptor, so what is mounted is exactly what was checked.
-        let data_dir = self.backend.open_data_dir(&plan.volume)?;
-        let data_path = PathBuf::from(format!("/proc/self/fd/{}", data_dir.as_raw_fd()));
-        let target = create_target(&plan.target)?;
-
-        let table = MountTable::read()?;
-        let expected = table
-            .locate(
-                &std::fs::read_link(&data_path)
-                    .map_err(|e| NodeError::io("resolve", &data_path, e))?,
-            )
-            .ok_or_else(|| {
-                NodeError::io("locate", &data_path, std::io::ErrorKind::NotFound.into())
-            })?;
-        if let Some(existing) = table.mounted_at(&target) {
-            if existing.location() != expected {
-                return Err(NodeError::TargetInUse {
-                    target,
-                    reason: format!(
-                        "it shows {} of {}",
-                        existing.root.display(),
-                        existing.source
-                    ),
-                });
-            }
-            if existing.is_read_only() != plan.readonly {
-                return Err(NodeError::TargetInUse {
-                    target,
-                    reason: format!(
-                        "it shows this volume with readonly={}",
-                        existing.is_read_only()
-                    ),
-                });
-            }
-            self.record(id, target, plan.readonly);
-            return Ok(());
+    } else {
+        VolumeCondition {
+            abnormal: true,
+            message: format!("{} is no longer mounted", path.display()),
         }
-        if plan.single_target {
-            if let Some(other) = self.table().targets(id).into_iter().find(|t| *t != target) {
-                return Err(NodeError::SingleWriter {
-                    volume: id.to_string(),
-                    other,
-                });
-            }
-        }
-        mount::bind_mount(&data_path, &target, plan.readonly)?;
-        tracing::info!(volume = id, target = %target.display(), readonly = plan.readonly, "published");
-        self.record(id, target, plan.readonly);
-        Ok(())
-    }
-
-    fn record(&self, volume: &str, target: PathBuf, readonly: bool) {
-        let published = Published {
-            readonly,
-            kind: DataPathKind::Bind,
-        };
-        self.table().insert(volume, target, published);
-    }
-
-    /// Unmounts the target (every layer showing a holdfast volume) and removes the
-    /// directory. A target that does not exist is already unpublished.
-    fn unpublish(&self, volume: &str, target: &Path) -> Result<(), NodeError> {
-        let target = match target.canonicalize() {
-            Ok(real) => real,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.table().remove(volume, target);
-                return Ok(());
-            }
-            Err(e) => return Err(NodeError::io("resolve target_path", target, e)),
-        };
-        let volumes_dir = self.backend.root().join(VOLUMES_DIR);
-        for _ in 0..MAX_STACKED_MOUNTS {
-            let table = MountTable::read()?;
-            let Some(mounted) = table.mounted_at(&target) else {
-                break;
-            };
-            // Refuse to take away another volume's mount: the CO named the wrong one.
-            if let Some(other) = table
-                .locate(&volumes_dir)
-                .and_then(|loc| mounted.shows_inside(&loc).map(Path::to_path_buf))
-                .and_then(|rest| rest.iter().next().map(|c| c.to_string_lossy().into_owned()))
-            {
-                if other != volume {
-                    return Err(NodeError::TargetShowsOtherVolume {
-                        target,
-                        volume: volume.to_string(),
-                        other,
-                    });
-                }
-            }
-            // A bind mount may not be detached while busy: the old holder would keep
-            // writing a volume the node believes released.
-            mount::unmount(&target, DetachPolicy::Never)?;
-        }
-        match std::fs::remove_dir(&target) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(NodeError::io("remove target_path", &target, e)),
-        }
-        self.table().remove(volume, &target);
-        tracing::info!(volume, target = %target.display(), "unpublished");
-        Ok(())
-    }
-
-    fn stats(&self, volume: &str, path: &Path) -> Result<NodeGetVolumeStatsResponse, NodeError> {
-        let not_published = || NodeError::NotPublished {
-            volume: volume.to_string(),
-            path: path.to_path_buf(),
-        };
-        let real = path.canonicalize().map_err(|_| not_published())?;
-        if self.table().get(volume, &real).is_none() {
-            return Err(not_published());
-        }
-        let still_mounted = MountTable::read()?.mounted_at(&real).is_some();
-        let st =
-            rustix::fs::statvfs(&real).map_err(|e| NodeError::io("statvfs", &real, e.into()))?;
-        let bytes =
-            |blocks: u64| i64::try_from(blocks.saturating_mul(st.f_frsize)).unwrap_or(i64::MAX);
-        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        let usage = vec![
+    };
+    NodeGetVolumeStatsResponse {
+        usage: vec![
             VolumeUsage {
                 total: bytes(st.f_blocks),
                 available: bytes(st.f_bavail),
@@ -241,43 +82,9 @@ impl NodeState {
                 used: count(st.f_files.saturating_sub(st.f_ffree)),
                 unit: volume_usage::Unit::Inodes as i32,
             },
-        ];
-        let volume_condition = if still_mounted {
-            VolumeCondition {
-                abnormal: false,
-                message: "ok".into(),
-            }
-        } else {
-            VolumeCondition {
-                abnormal: true,
-                message: format!("{} is no longer mounted", real.display()),
-            }
-        };
-        Ok(NodeGetVolumeStatsResponse {
-            usage,
-            volume_condition: Some(volume_condition),
-        })
+        ],
+        volume_condition: Some(volume_condition),
     }
-}
-
-/// Creates the target directory if missing (the CO creates its parent, the plugin the
-/// target) and returns its resolved path, as the mount table prints it.
-fn create_target(target: &Path) -> Result<PathBuf, NodeError> {
-    match std::fs::create_dir(target) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(NodeError::TargetParentMissing(target.to_path_buf()))
-        }
-        Err(e) => return Err(NodeError::io("create target_path", target, e)),
-    }
-    let real = target
-        .canonicalize()
-        .map_err(|e| NodeError::io("resolve target_path", target, e))?;
-    if !real.is_dir() {
-        return Err(NodeError::TargetNotDirectory(real));
-    }
-    Ok(real)
 }
 
 /// Runs blocking filesystem/mount work off the async workers.
@@ -370,9 +177,9 @@ impl Node for NodeService {
         request: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let plan = validate_publish(request.get_ref())?;
-        let _guard = self.state.locks.lock(plan.volume.as_str()).await;
-        let state = self.state.clone();
-        blocking(move || state.publish(&plan)).await?;
+        let _guard = self.publisher.locks.lock(plan.volume.as_str()).await;
+        let publisher = self.publisher.clone();
+        blocking(move || publisher.publish(&plan)).await?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
@@ -384,9 +191,9 @@ impl Node for NodeService {
         let volume = validate::require("volume_id", &req.volume_id)?.to_string();
         let target =
             validate::require_absolute_path("target_path", &req.target_path)?.to_path_buf();
-        let _guard = self.state.locks.lock(&volume).await;
-        let state = self.state.clone();
-        blocking(move || state.unpublish(&volume, &target)).await?;
+        let _guard = self.publisher.locks.lock(&volume).await;
+        let publisher = self.publisher.clone();
+        blocking(move || publisher.unpublish(&volume, &target)).await?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
@@ -397,10 +204,10 @@ impl Node for NodeService {
         let req = request.get_ref();
         let volume = validate::require("volume_id", &req.volume_id)?.to_string();
         let path = validate::require_absolute_path("volume_path", &req.volume_path)?.to_path_buf();
-        let state = self.state.clone();
-        Ok(Response::new(
-            blocking(move || state.stats(&volume, &path)).await?,
-        ))
+        let publisher = self.publisher.clone();
+        let shown = path.clone();
+        let usage = blocking(move || publisher.usage(&volume, &path)).await?;
+        Ok(Response::new(stats_response(usage, &shown)))
     }
 
     async fn node_get_capabilities(
@@ -422,7 +229,7 @@ impl Node for NodeService {
         _request: Request<NodeGetInfoRequest>,
     ) -> Result<Response<NodeGetInfoResponse>, Status> {
         Ok(Response::new(NodeGetInfoResponse {
-            node_id: self.state.node_id.clone(),
+            node_id: self.node_id.clone(),
             max_volumes_per_node: 0,
             accessible_topology: None,
         }))

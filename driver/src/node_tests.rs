@@ -65,7 +65,7 @@ async fn publish_and_unpublish_wait_for_the_volume_lock() {
     let _cleanup = UnmountOnDrop(target.clone());
     let service = Arc::new(NodeService::new("n1".into(), backend).unwrap());
 
-    let held = service.state.locks.lock(&id).await;
+    let held = service.publisher.locks.lock(&id).await;
     let call = {
         let (service, request) = (service.clone(), publish(&id, &target));
         tokio::spawn(async move { service.node_publish_volume(Request::new(request)).await })
@@ -79,7 +79,7 @@ async fn publish_and_unpublish_wait_for_the_volume_lock() {
         .expect("publish after the lock is released");
     assert!(is_mounted(&target));
 
-    let held = service.state.locks.lock(&id).await;
+    let held = service.publisher.locks.lock(&id).await;
     let call = {
         let service = service.clone();
         let request = NodeUnpublishVolumeRequest {

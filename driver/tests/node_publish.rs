@@ -6,83 +6,23 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
-use common::Plugin;
-use holdfast_core::csi::v1::controller_client::ControllerClient;
+use common::{
+    create_volume, mount_capability, mounts_at, publish_request, unpublish_request, Plugin,
+};
 use holdfast_core::csi::v1::node_client::NodeClient;
 use holdfast_core::csi::v1::node_service_capability::rpc::Type as NodeCap;
 use holdfast_core::csi::v1::volume_capability::access_mode::Mode;
-use holdfast_core::csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use holdfast_core::csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume};
 use holdfast_core::csi::v1::{
-    node_service_capability, volume_usage, CreateVolumeRequest, NodeExpandVolumeRequest,
-    NodeGetCapabilitiesRequest, NodeGetInfoRequest, NodeGetVolumeStatsRequest,
-    NodePublishVolumeRequest, NodeStageVolumeRequest, NodeUnpublishVolumeRequest,
-    NodeUnstageVolumeRequest, VolumeCapability,
+    node_service_capability, volume_usage, NodeExpandVolumeRequest, NodeGetCapabilitiesRequest,
+    NodeGetInfoRequest, NodeGetVolumeStatsRequest, NodePublishVolumeRequest,
+    NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest,
 };
 use tonic::transport::Channel;
 use tonic::Code;
-
-fn mount_capability(mode: Mode) -> VolumeCapability {
-    VolumeCapability {
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-        access_type: Some(AccessType::Mount(MountVolume::default())),
-    }
-}
-
-/// Creates a bind-data-path volume through the Controller; returns its id.
-async fn create_volume(channel: &Channel, name: &str) -> String {
-    let response = ControllerClient::new(channel.clone())
-        .create_volume(CreateVolumeRequest {
-            name: name.into(),
-            volume_capabilities: vec![mount_capability(Mode::SingleNodeWriter)],
-            parameters: HashMap::from([("dataPath".to_string(), "bind".to_string())]),
-            ..Default::default()
-        })
-        .await
-        .expect("CreateVolume");
-    response.into_inner().volume.expect("volume").volume_id
-}
-
-fn publish_request(volume_id: &str, target: &Path, readonly: bool) -> NodePublishVolumeRequest {
-    NodePublishVolumeRequest {
-        volume_id: volume_id.into(),
-        target_path: target.to_str().unwrap().into(),
-        volume_capability: Some(mount_capability(Mode::SingleNodeWriter)),
-        readonly,
-        ..Default::default()
-    }
-}
-
-fn unpublish_request(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
-    NodeUnpublishVolumeRequest {
-        volume_id: volume_id.into(),
-        target_path: target.to_str().unwrap().into(),
-    }
-}
-
-fn data_dir(plugin: &Plugin, volume_id: &str) -> PathBuf {
-    plugin.root.join("volumes").join(volume_id).join("data")
-}
-
-/// The mountinfo lines (mount id, root, per-mount options) whose mount point is `path`.
-fn mounts_at(path: &Path) -> Vec<(String, String, String)> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            (fields[4] == path.to_str().unwrap()).then(|| {
-                (
-                    fields[0].to_string(),
-                    fields[3].to_string(),
-                    fields[5].to_string(),
-                )
-            })
-        })
-        .collect()
-}
 
 struct Fixture {
     plugin: Plugin,
@@ -103,7 +43,7 @@ async fn fixture() -> Fixture {
 #[tokio::test]
 async fn publish_bind_mounts_the_volume_data_dir() {
     let mut f = fixture().await;
-    let id = create_volume(&f.channel, "pv-publish").await;
+    let id = create_volume(&f.channel, "pv-publish", "bind").await;
     let target = f.plugin.target();
     assert!(
         !target.exists(),
@@ -121,12 +61,12 @@ async fn publish_bind_mounts_the_volume_data_dir() {
         1,
         "exactly one mount at the target: {mounts:?}"
     );
-    let backing = data_dir(&f.plugin, &id);
+    let backing = f.plugin.data_dir(&id);
     assert!(
-        mounts[0].1.ends_with(&format!("/volumes/{id}/data")),
+        mounts[0].root.ends_with(&format!("/volumes/{id}/data")),
         "the mount shows the volume's data dir: {mounts:?}"
     );
-    assert!(mounts[0].2.split(',').any(|o| o == "rw"));
+    assert!(!mounts[0].is_read_only());
     std::fs::write(target.join("through-target"), b"written by the pod").unwrap();
     assert_eq!(
         std::fs::read(backing.join("through-target")).unwrap(),
@@ -139,8 +79,8 @@ async fn publish_bind_mounts_the_volume_data_dir() {
 #[tokio::test]
 async fn readonly_publish_rejects_writes() {
     let mut f = fixture().await;
-    let id = create_volume(&f.channel, "pv-ro").await;
-    std::fs::write(data_dir(&f.plugin, &id).join("existing"), b"keep").unwrap();
+    let id = create_volume(&f.channel, "pv-ro", "bind").await;
+    std::fs::write(f.plugin.data_dir(&id).join("existing"), b"keep").unwrap();
     let target = f.plugin.target();
 
     f.node
@@ -150,7 +90,7 @@ async fn readonly_publish_rejects_writes() {
 
     let mounts = mounts_at(&target);
     assert_eq!(mounts.len(), 1, "{mounts:?}");
-    assert!(mounts[0].2.split(',').any(|o| o == "ro"), "{mounts:?}");
+    assert!(mounts[0].is_read_only(), "{mounts:?}");
     assert_eq!(std::fs::read(target.join("existing")).unwrap(), b"keep");
     let err = std::fs::write(target.join("new"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
@@ -161,8 +101,8 @@ async fn readonly_publish_rejects_writes() {
 #[tokio::test]
 async fn publish_is_idempotent_and_incompatible_republish_is_already_exists() {
     let mut f = fixture().await;
-    let id = create_volume(&f.channel, "pv-idem").await;
-    let other = create_volume(&f.channel, "pv-other").await;
+    let id = create_volume(&f.channel, "pv-idem", "bind").await;
+    let other = create_volume(&f.channel, "pv-other", "bind").await;
     let target = f.plugin.target();
 
     for _ in 0..3 {
@@ -199,7 +139,7 @@ async fn publish_is_idempotent_and_incompatible_republish_is_already_exists() {
 #[tokio::test]
 async fn unpublish_removes_mount_and_target_and_is_idempotent() {
     let mut f = fixture().await;
-    let id = create_volume(&f.channel, "pv-unpublish").await;
+    let id = create_volume(&f.channel, "pv-unpublish", "bind").await;
     let target = f.plugin.target();
     f.node
         .node_publish_volume(publish_request(&id, &target, false))
@@ -214,7 +154,7 @@ async fn unpublish_removes_mount_and_target_and_is_idempotent() {
     assert!(mounts_at(&target).is_empty());
     assert!(!target.exists(), "the target directory is removed");
     assert_eq!(
-        std::fs::read(data_dir(&f.plugin, &id).join("kept")).unwrap(),
+        std::fs::read(f.plugin.data_dir(&id).join("kept")).unwrap(),
         b"data",
         "unpublish never touches the volume's data"
     );
@@ -228,7 +168,7 @@ async fn unpublish_removes_mount_and_target_and_is_idempotent() {
 #[tokio::test]
 async fn busy_bind_mount_is_not_detached() {
     let mut f = fixture().await;
-    let id = create_volume(&f.channel, "pv-busy").await;
+    let id = create_volume(&f.channel, "pv-busy", "bind").await;
     let target = f.plugin.target();
     f.node
         .node_publish_volume(publish_request(&id, &target, false))
@@ -260,7 +200,7 @@ async fn busy_bind_mount_is_not_detached() {
 #[tokio::test]
 async fn missing_fields_are_invalid_argument_naming_the_field() {
     let mut f = fixture().await;
-    let id = create_volume(&f.channel, "pv-fields").await;
+    let id = create_volume(&f.channel, "pv-fields", "bind").await;
     let target = f.plugin.target();
     let good = publish_request(&id, &target, false);
 
@@ -375,7 +315,7 @@ async fn unknown_volume_is_not_found() {
 #[tokio::test]
 async fn target_path_escapes_are_refused() {
     let mut f = fixture().await;
-    let id = create_volume(&f.channel, "pv-escape").await;
+    let id = create_volume(&f.channel, "pv-escape", "bind").await;
     let target = f.plugin.target();
     let parent = target.parent().unwrap().to_str().unwrap().to_string();
     let escapes = [
@@ -407,7 +347,7 @@ async fn target_path_escapes_are_refused() {
 #[tokio::test]
 async fn single_node_single_writer_allows_one_target() {
     let mut f = fixture().await;
-    let id = create_volume(&f.channel, "pv-snsw").await;
+    let id = create_volume(&f.channel, "pv-snsw", "bind").await;
     let (first, second) = (f.plugin.target(), f.plugin.target());
     let request = |target: &Path| NodePublishVolumeRequest {
         volume_capability: Some(mount_capability(Mode::SingleNodeSingleWriter)),
@@ -431,8 +371,8 @@ async fn single_node_single_writer_allows_one_target() {
 #[tokio::test]
 async fn stats_report_bytes_and_inodes_of_published_targets_only() {
     let mut f = fixture().await;
-    let id = create_volume(&f.channel, "pv-stats").await;
-    let other = create_volume(&f.channel, "pv-stats-other").await;
+    let id = create_volume(&f.channel, "pv-stats", "bind").await;
+    let other = create_volume(&f.channel, "pv-stats-other", "bind").await;
     let target = f.plugin.target();
     f.node
         .node_publish_volume(publish_request(&id, &target, false))
@@ -456,7 +396,7 @@ async fn stats_report_bytes_and_inodes_of_published_targets_only() {
             .find(|u| u.unit == unit as i32)
             .unwrap_or_else(|| panic!("{unit:?} usage missing: {stats:?}"))
     };
-    let backing = rustix::fs::statvfs(data_dir(&f.plugin, &id)).unwrap();
+    let backing = rustix::fs::statvfs(f.plugin.data_dir(&id)).unwrap();
     let bytes = by_unit(volume_usage::Unit::Bytes);
     assert_eq!(bytes.total as u64, backing.f_blocks * backing.f_frsize);
     assert!(
@@ -492,7 +432,7 @@ async fn stats_report_bytes_and_inodes_of_published_targets_only() {
 #[tokio::test]
 async fn restart_rebuilds_the_published_table_from_the_mount_table() {
     let mut f = fixture().await;
-    let id = create_volume(&f.channel, "pv-restart").await;
+    let id = create_volume(&f.channel, "pv-restart", "bind").await;
     let (rw_target, ro_target) = (f.plugin.target(), f.plugin.target());
     f.node
         .node_publish_volume(publish_request(&id, &rw_target, false))
@@ -536,7 +476,7 @@ async fn restart_rebuilds_the_published_table_from_the_mount_table() {
 #[tokio::test]
 async fn sigterm_stops_gracefully_removes_the_socket_and_leaves_mounts() {
     let mut f = fixture().await;
-    let id = create_volume(&f.channel, "pv-sigterm").await;
+    let id = create_volume(&f.channel, "pv-sigterm", "bind").await;
     let target = f.plugin.target();
     f.node
         .node_publish_volume(publish_request(&id, &target, false))
@@ -569,7 +509,7 @@ async fn sigterm_stops_gracefully_removes_the_socket_and_leaves_mounts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_publishes_of_one_target_make_one_mount() {
     let mut f = fixture().await;
-    let id = create_volume(&f.channel, "pv-race").await;
+    let id = create_volume(&f.channel, "pv-race", "bind").await;
     for round in 0..5 {
         let targets: Vec<PathBuf> = (0..6).map(|_| f.plugin.target()).collect();
         let mut calls = Vec::new();
@@ -650,4 +590,27 @@ async fn node_info_capabilities_and_unimplemented_rpcs() {
         .unwrap_err()
         .code();
     assert_eq!(code, Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn symlink_or_file_target_is_refused() {
+    let mut f = fixture().await;
+    let id = create_volume(&f.channel, "pv-symlink", "bind").await;
+    let elsewhere = f.plugin.tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let link = f.plugin.target();
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+    let file = f.plugin.target();
+    std::fs::write(&file, b"not a dir").unwrap();
+
+    for target in [&link, &file] {
+        let err = f
+            .node
+            .node_publish_volume(publish_request(&id, target, false))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{target:?}: {err:?}");
+    }
+    // mount(2) would follow the link: nothing may end up mounted at its destination.
+    assert!(mounts_at(&elsewhere.canonicalize().unwrap()).is_empty());
 }

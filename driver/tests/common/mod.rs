@@ -13,6 +13,11 @@
 //! - [`Plugin::target`] — a fresh publish target path whose parent exists (the CO's job)
 //!   and the target itself does not (the plugin's job).
 //! - [`Plugin::logs`] — everything the plugin wrote to stdout/stderr so far.
+//! - [`Plugin::data_dir`] — the backing directory a volume's targets show.
+//!
+//! Request helpers: [`create_volume`] (through the Controller, with a `dataPath`),
+//! [`publish_request`], [`unpublish_request`], [`mount_capability`]; and [`mounts_at`],
+//! an independent reading of `/proc/self/mountinfo` for one mount point.
 //!
 //! Layout under `plugin.tmp`: `csi.sock`, `backend/` (`plugin.root`), `state/`,
 //! `targets/`, `plugin.log`. Dropping the [`Plugin`] SIGKILLs the process, then lazily
@@ -26,6 +31,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use holdfast_core::csi::v1::controller_client::ControllerClient;
+use holdfast_core::csi::v1::volume_capability::access_mode::Mode;
+use holdfast_core::csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
+use holdfast_core::csi::v1::{
+    CreateVolumeRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest, VolumeCapability,
+};
 use holdfast_driver::mount::{self, DetachPolicy, MountTable};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
@@ -210,10 +221,93 @@ impl Plugin {
             .join("mount")
     }
 
+    /// `<root>/volumes/<id>/data`: what the volume's targets show.
+    pub fn data_dir(&self, volume_id: &str) -> PathBuf {
+        self.root.join("volumes").join(volume_id).join("data")
+    }
+
     /// What the plugin logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
+}
+
+/// A mount capability with `mode`.
+pub fn mount_capability(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+    }
+}
+
+/// Creates a SINGLE_NODE_WRITER volume through the Controller with the given
+/// `dataPath` parameter ("bind" or "fuse"); returns its id.
+pub async fn create_volume(channel: &Channel, name: &str, data_path: &str) -> String {
+    let response = ControllerClient::new(channel.clone())
+        .create_volume(CreateVolumeRequest {
+            name: name.into(),
+            volume_capabilities: vec![mount_capability(Mode::SingleNodeWriter)],
+            parameters: [("dataPath".to_string(), data_path.to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateVolume");
+    response.into_inner().volume.expect("volume").volume_id
+}
+
+/// A SINGLE_NODE_WRITER mount publish of `volume_id` at `target`.
+pub fn publish_request(volume_id: &str, target: &Path, readonly: bool) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: volume_id.into(),
+        target_path: target.to_str().unwrap().into(),
+        volume_capability: Some(mount_capability(Mode::SingleNodeWriter)),
+        readonly,
+        ..Default::default()
+    }
+}
+
+pub fn unpublish_request(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: volume_id.into(),
+        target_path: target.to_str().unwrap().into(),
+    }
+}
+
+/// One line of `/proc/self/mountinfo`, as read by [`mounts_at`].
+#[derive(Debug)]
+pub struct MountLine {
+    pub mount_id: String,
+    /// The directory of the mounted filesystem shown (the bound one, for a bind).
+    pub root: String,
+    /// Per-mount options (`rw`/`ro`, …).
+    pub options: Vec<String>,
+    pub fs_type: String,
+}
+
+impl MountLine {
+    pub fn is_read_only(&self) -> bool {
+        self.options.iter().any(|o| o == "ro")
+    }
+}
+
+/// Every mount whose mount point is `path` (a plain path without spaces), bottom first.
+/// Parsed here rather than with the driver's own code, so that code is not trusted to
+/// check itself.
+pub fn mounts_at(path: &Path) -> Vec<MountLine> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = path.to_str().unwrap();
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            (fields[4] == path).then(|| MountLine {
+                mount_id: fields[0].to_string(),
+                root: fields[3].to_string(),
+                options: fields[5].split(',').map(str::to_string).collect(),
+                fs_type: fields[dash + 1].to_string(),
+            })
+        })
+        .collect()
 }
 
 /// Lazily unmounts every mount at or below `dir`, deepest first, until none is left.

@@ -1,0 +1,329 @@
+//! What NodePublish/NodeUnpublish/NodeGetVolumeStats do on the node, free of gRPC: make
+//! a target show a volume (bind mount or FUSE), take it away, measure it.
+//!
+//! Owns the [`PublishedTable`] (changed only after the mount it describes exists or is
+//! gone), the live FUSE sessions (one per FUSE target) and the per-volume
+//! [`VolumeLocks`] the Node service takes around publish and unpublish.
+//!
+//! Recognising what a target shows: a bind mount is compared by (device, path inside the
+//! filesystem) with the volume's data directory; a FUSE target is this process's only if
+//! it is in the session map. A `fuse.holdfast` mount nobody here serves belongs to a
+//! dead predecessor: its connection died with it, so it provably carries no I/O and may
+//! be unmounted (lazily if busy) and replaced.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use holdfast_core::backend::{Backend, DataPath, FenceAction, VolumeId};
+use holdfast_core::lease::VolumeGate;
+
+use crate::datapath::{self, FuseOptions, FuseVolume};
+use crate::error::NodeError;
+use crate::mount::{self, DetachPolicy, MountEntry, MountTable};
+use crate::published::{DataPathKind, Published, PublishedTable, VolumeLocks};
+
+/// `<root>/volumes`: where every volume directory lives (see `holdfast_core::backend`).
+const VOLUMES_DIR: &str = "volumes";
+/// The filesystem type of the FUSE data path's mounts.
+pub const FUSE_FS_TYPE: &str = "fuse.holdfast";
+/// How many stacked mounts unpublish removes from one target at most.
+const MAX_STACKED_MOUNTS: usize = 16;
+
+/// A validated publish request.
+pub struct PublishPlan {
+    pub volume: VolumeId,
+    pub target: PathBuf,
+    pub readonly: bool,
+    /// SINGLE_NODE_SINGLE_WRITER: at most one target on this node.
+    pub single_target: bool,
+}
+
+/// statvfs of a published target, and whether it is still mounted.
+pub struct TargetUsage {
+    pub stat: rustix::fs::StatVfs,
+    pub mounted: bool,
+}
+
+pub struct Publisher {
+    backend: std::sync::Arc<Backend>,
+    published: Mutex<PublishedTable>,
+    fuse: Mutex<HashMap<PathBuf, FuseVolume>>,
+    pub locks: VolumeLocks,
+}
+
+impl Publisher {
+    /// A publisher over `backend`, with the table rebuilt from the mount table: every
+    /// bind mount of a volume's data directory is a target published before a restart.
+    pub fn new(backend: std::sync::Arc<Backend>) -> Result<Publisher, NodeError> {
+        let table = MountTable::read()?;
+        let published = match table.locate(&backend.root().join(VOLUMES_DIR)) {
+            Some(location) => PublishedTable::recover(&table, &location),
+            None => PublishedTable::default(),
+        };
+        if !published.is_empty() {
+            tracing::info!(
+                targets = published.len(),
+                "recovered published targets from the mount table"
+            );
+        }
+        Ok(Publisher {
+            backend,
+            published: Mutex::new(published),
+            fuse: Mutex::new(HashMap::new()),
+            locks: VolumeLocks::default(),
+        })
+    }
+
+    pub fn table(&self) -> MutexGuard<'_, PublishedTable> {
+        self.published.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<PathBuf, FuseVolume>> {
+        self.fuse.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the target show the volume, or confirms it already does (idempotent).
+    /// Call with the volume's lock held.
+    pub fn publish(&self, plan: &PublishPlan) -> Result<(), NodeError> {
+        let id = plan.volume.as_str();
+        let meta = self
+            .backend
+            .volume(&plan.volume)?
+            .ok_or_else(|| NodeError::VolumeNotFound(id.to_string()))?;
+        let kind = match meta.params.data_path {
+            DataPath::Bind => DataPathKind::Bind,
+            DataPath::Fuse => DataPathKind::Fuse,
+        };
+        // Opened without following symlinks below the root; the mount goes through this
+        // descriptor, so what is mounted is exactly what was checked.
+        let data_dir = self.backend.open_data_dir(&plan.volume)?;
+        let data_path = PathBuf::from(format!("/proc/self/fd/{}", data_dir.as_raw_fd()));
+        let target = create_target(&plan.target)?;
+
+        let table = MountTable::read()?;
+        if let Some(existing) = table.mounted_at(&target) {
+            if existing.fs_type == FUSE_FS_TYPE && !self.sessions().contains_key(&target) {
+                tracing::warn!(target = %target.display(), "replacing a dead FUSE mount");
+                mount::unmount(&target, DetachPolicy::IfBusy)?;
+            } else {
+                self.check_existing(&table, existing, &data_path, id, kind, plan.readonly)?;
+                self.record(id, target, plan.readonly, kind);
+                return Ok(());
+            }
+        }
+        if plan.single_target {
+            if let Some(other) = self.table().targets(id).into_iter().find(|t| *t != target) {
+                return Err(NodeError::SingleWriter {
+                    volume: id.to_string(),
+                    other,
+                });
+            }
+        }
+        match kind {
+            DataPathKind::Bind => mount::bind_mount(&data_path, &target, plan.readonly)?,
+            DataPathKind::Fuse => {
+                let opts = FuseOptions {
+                    read_only: plan.readonly,
+                    ..FuseOptions::new(match meta.params.fence_action {
+                        FenceAction::Error => datapath::FenceAction::Error,
+                        FenceAction::Freeze => datapath::FenceAction::Freeze,
+                    })
+                };
+                // No claims are taken yet, so the gate stays open; the lease client
+                // will hand the claim's gate in here.
+                let volume = datapath::mount(&data_path, &target, VolumeGate::unclaimed(), opts)?;
+                if let Err(e) = check_read_only(&target, plan.readonly) {
+                    let _ = volume.unmount();
+                    return Err(e);
+                }
+                self.sessions().insert(target.clone(), volume);
+            }
+        }
+        tracing::info!(volume = id, target = %target.display(), readonly = plan.readonly, ?kind, "published");
+        self.record(id, target, plan.readonly, kind);
+        Ok(())
+    }
+
+    /// `Ok` when the mount already at the target is this volume, same data path and
+    /// same readonly-ness; `ALREADY_EXISTS` otherwise.
+    fn check_existing(
+        &self,
+        table: &MountTable,
+        existing: &MountEntry,
+        data_path: &Path,
+        volume: &str,
+        kind: DataPathKind,
+        readonly: bool,
+    ) -> Result<(), NodeError> {
+        let shows_volume = match kind {
+            DataPathKind::Bind => {
+                let real = std::fs::read_link(data_path)
+                    .map_err(|e| NodeError::io("resolve", data_path, e))?;
+                table.locate(&real) == Some(existing.location())
+            }
+            DataPathKind::Fuse => {
+                existing.fs_type == FUSE_FS_TYPE
+                    && self.sessions().contains_key(&existing.mount_point)
+                    && self.table().get(volume, &existing.mount_point).is_some()
+            }
+        };
+        let in_use = |reason: String| NodeError::TargetInUse {
+            target: existing.mount_point.clone(),
+            reason,
+        };
+        if !shows_volume {
+            return Err(in_use(format!(
+                "it shows {} of {} ({})",
+                existing.root.display(),
+                existing.source,
+                existing.fs_type
+            )));
+        }
+        if existing.is_read_only() != readonly {
+            return Err(in_use(format!(
+                "it shows this volume with readonly={}",
+                existing.is_read_only()
+            )));
+        }
+        Ok(())
+    }
+
+    fn record(&self, volume: &str, target: PathBuf, readonly: bool, kind: DataPathKind) {
+        self.table()
+            .insert(volume, target, Published { readonly, kind });
+    }
+
+    /// Unmounts the target and removes the directory. A target that does not exist is
+    /// already unpublished. Call with the volume's lock held.
+    pub fn unpublish(&self, volume: &str, target: &Path) -> Result<(), NodeError> {
+        let Some(target) = resolve_target(target)? else {
+            self.table().remove(volume, target);
+            return Ok(());
+        };
+        let session = self.sessions().remove(&target);
+        if let Some(session) = session {
+            // Busy: detached and its connection aborted, so no I/O can pass any more.
+            session.unmount()?;
+        }
+        let volumes_dir = self.backend.root().join(VOLUMES_DIR);
+        for _ in 0..MAX_STACKED_MOUNTS {
+            let table = MountTable::read()?;
+            let Some(mounted) = table.mounted_at(&target) else {
+                break;
+            };
+            if mounted.fs_type == FUSE_FS_TYPE {
+                // Not ours (checked above): its server is dead, no I/O can pass.
+                mount::unmount(&target, DetachPolicy::IfBusy)?;
+                continue;
+            }
+            // Refuse to take away another volume's mount: the CO named the wrong one.
+            let shown = table
+                .locate(&volumes_dir)
+                .and_then(|loc| mounted.shows_inside(&loc).map(Path::to_path_buf));
+            if let Some(other) =
+                shown.and_then(|rest| rest.iter().next().map(|c| c.to_string_lossy().into_owned()))
+            {
+                if other != volume {
+                    return Err(NodeError::TargetShowsOtherVolume {
+                        target,
+                        volume: volume.to_string(),
+                        other,
+                    });
+                }
+            }
+            // A bind mount may not be detached while busy: the old holder would keep
+            // writing a volume the node believes released.
+            mount::unmount(&target, DetachPolicy::Never)?;
+        }
+        match std::fs::remove_dir(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(NodeError::io("remove target_path", &target, e)),
+        }
+        self.table().remove(volume, &target);
+        tracing::info!(volume, target = %target.display(), "unpublished");
+        Ok(())
+    }
+
+    /// Usage of `path` if it is a published target of `volume` (`NOT_FOUND` otherwise).
+    pub fn usage(&self, volume: &str, path: &Path) -> Result<TargetUsage, NodeError> {
+        let not_published = || NodeError::NotPublished {
+            volume: volume.to_string(),
+            path: path.to_path_buf(),
+        };
+        let real = path.canonicalize().map_err(|_| not_published())?;
+        if self.table().get(volume, &real).is_none() {
+            return Err(not_published());
+        }
+        let mounted = MountTable::read()?.mounted_at(&real).is_some();
+        let stat =
+            rustix::fs::statvfs(&real).map_err(|e| NodeError::io("statvfs", &real, e.into()))?;
+        Ok(TargetUsage { stat, mounted })
+    }
+}
+
+impl Drop for Publisher {
+    /// On process stop the FUSE mounts are left in place, not unmounted: kubelet owns
+    /// them, and a mount whose server is gone fails every operation (ENOTCONN). An
+    /// unmount would instead let the pod write into the bare target directory on the
+    /// node's own disk. The sessions' threads end with the process.
+    fn drop(&mut self) {
+        let sessions = std::mem::take(self.fuse.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for (_, session) in sessions {
+            std::mem::forget(session);
+        }
+    }
+}
+
+/// The mount table must show the target `ro` exactly when asked.
+fn check_read_only(target: &Path, readonly: bool) -> Result<(), NodeError> {
+    let shown = MountTable::read()?
+        .mounted_at(target)
+        .map(MountEntry::is_read_only);
+    if readonly && shown != Some(true) {
+        return Err(mount::MountError::NotReadOnly {
+            target: target.to_path_buf(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// The target as the mount table prints it: its parent resolved (the CO's path may run
+/// through symlinks), its last component kept as is, so that resolving never touches
+/// the target itself (which may be a dead FUSE mount). `None` if the parent is missing.
+fn resolve_target(target: &Path) -> Result<Option<PathBuf>, NodeError> {
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(NodeError::TargetNotDirectory(target.to_path_buf()));
+    };
+    match parent.canonicalize() {
+        Ok(parent) => Ok(Some(parent.join(name))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(NodeError::io(
+            "resolve the parent of target_path",
+            parent,
+            e,
+        )),
+    }
+}
+
+/// Creates the target directory if missing (the CO creates its parent, the plugin the
+/// target) and returns its resolved path. A symlink or file there is refused; a dead
+/// FUSE mount (`ENOTCONN`) is accepted, for the caller to replace.
+fn create_target(target: &Path) -> Result<PathBuf, NodeError> {
+    let real = resolve_target(target)?
+        .ok_or_else(|| NodeError::TargetParentMissing(target.to_path_buf()))?;
+    match std::fs::create_dir(&real) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(NodeError::io("create target_path", &real, e)),
+    }
+    match std::fs::symlink_metadata(&real) {
+        Ok(meta) if meta.is_dir() => Ok(real),
+        Ok(_) => Err(NodeError::TargetNotDirectory(real)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(real),
+        Err(e) => Err(NodeError::io("inspect target_path", &real, e)),
+    }
+}
