@@ -18,6 +18,7 @@
 
 mod checker;
 mod proc;
+mod renewal;
 pub mod rng;
 pub mod store;
 mod world;

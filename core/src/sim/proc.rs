@@ -1,4 +1,5 @@
-//! A simulated node plugin process: the glue between the world's messages and timers
+//! A simulated node plugin process (its session renewal lives in [`super::renewal`]):
+//! the glue between the world's messages and timers
 //! and the real protocol code. Like the real client, it keeps one renewal and one other
 //! store operation in flight, abandons an operation that times out (its reply, if it
 //! ever comes, is ignored), and releases a volume only after its data path stopped.
@@ -9,7 +10,7 @@ use std::time::Duration;
 use crate::clock::Mono;
 use crate::lease::decide::{claim_status_of, decide_release, ClaimStatus, Observations};
 use crate::lease::flow::{AcquireAttempt, AttemptEnd, Step, StoreOp, StoreReply};
-use crate::lease::session::{predecessor_fate, LockProbe, RenewOutcome, RenewState};
+use crate::lease::session::{predecessor_fate, LockProbe, RenewState};
 use crate::lease::{
     ClaimRecord, ClaimState, Epoch, Holder, LeaseError, NodeIdentity, SessionKey, SessionRecord,
 };
@@ -27,7 +28,7 @@ pub(super) struct Want {
     races: u32,
 }
 
-enum RenewPhase {
+pub(super) enum RenewPhase {
     Idle,
     Creating(SessionRecord),
     CreateReread(SessionRecord),
@@ -35,7 +36,7 @@ enum RenewPhase {
     Rereading,
 }
 
-enum Work {
+pub(super) enum Work {
     Idle,
     Listing,
     ListingClaims(Vec<(SessionKey, Version)>),
@@ -55,28 +56,28 @@ pub(super) struct Proc {
     pub deadline: Mono,
     /// Volumes whose data path is open: volume → (pod, epoch).
     pub holds: BTreeMap<String, (String, Epoch)>,
-    session: Option<RenewState>,
-    first_create_sent: Option<Mono>,
+    pub(super) session: Option<RenewState>,
+    pub(super) first_create_sent: Option<Mono>,
     seen: Observations,
     to_release: Vec<(String, Epoch)>,
     want: Option<Want>,
-    renew_token: u64,
-    renew: RenewPhase,
+    pub(super) renew_token: u64,
+    pub(super) renew: RenewPhase,
     work_token: u64,
-    work: Work,
+    pub(super) work: Work,
 }
 
 impl World {
-    fn local_now(&self, id: u64) -> Mono {
+    pub(super) fn local_now(&self, id: u64) -> Mono {
         self.nodes[self.procs[&id].node].clock.local(self.now)
     }
 
-    fn after_local(&mut self, id: u64, local: Duration, kind: TimerKind) {
+    pub(super) fn after_local(&mut self, id: u64, local: Duration, kind: TimerKind) {
         let at = self.now + self.nodes[self.procs[&id].node].clock.real_for(local);
         self.schedule(at, Ev::Timer { proc: id, kind });
     }
 
-    fn key_of(&self, id: u64) -> SessionKey {
+    pub(super) fn key_of(&self, id: u64) -> SessionKey {
         let p = &self.procs[&id];
         SessionKey {
             node: self.nodes[p.node].name.clone(),
@@ -113,25 +114,8 @@ impl World {
         self.after_local(id, tick, TimerKind::Work);
     }
 
-    fn create_session(&mut self, id: u64) {
-        let n = &self.nodes[self.procs[&id].node];
-        let rec = SessionRecord {
-            node: n.name.clone(),
-            instance: self.procs[&id].instance.clone(),
-            boot_id: format!("{}-boot{}", n.machine_id, n.boot),
-            machine_id: n.machine_id.clone(),
-            duration_ms: self.cfg.params.duration.as_millis() as u64,
-            renewals: 0,
-        };
-        let now = self.local_now(id);
-        let p = self.procs.get_mut(&id).unwrap();
-        p.first_create_sent.get_or_insert(now);
-        p.renew = RenewPhase::Creating(rec.clone());
-        self.request(id, true, SimOp::PutSession(rec, None, now));
-    }
-
     /// Sends a request on the renewal (`renewal`) or the work channel, with a timeout.
-    fn request(&mut self, id: u64, renewal: bool, op: SimOp) {
+    pub(super) fn request(&mut self, id: u64, renewal: bool, op: SimOp) {
         let token = self.next_id;
         self.next_id += 1;
         let p = self.procs.get_mut(&id).unwrap();
@@ -191,99 +175,6 @@ impl World {
             self.procs.get_mut(&id).unwrap().work_token = 0;
             self.on_work_reply(id, reply);
         }
-    }
-
-    fn renew_tick(&mut self, id: u64) {
-        let now = self.local_now(id);
-        let p = self.procs.get_mut(&id).unwrap();
-        let Some(state) = p.session.as_mut() else {
-            return;
-        };
-        let (rec, expected) = state.begin(now);
-        p.renew = RenewPhase::Renewing(rec.renewals);
-        self.request(id, true, SimOp::PutSession(rec, Some(expected), now));
-    }
-
-    fn on_renew_reply(&mut self, id: u64, reply: SimReply) {
-        let params = self.cfg.params;
-        let retry = params.renew_interval() / 4;
-        let p = self.procs.get_mut(&id).unwrap();
-        let phase = std::mem::replace(&mut p.renew, RenewPhase::Idle);
-        let outcome = match (phase, reply) {
-            (
-                RenewPhase::Creating(rec) | RenewPhase::CreateReread(rec),
-                SimReply::Flow(StoreReply::Put(v)),
-            )
-            | (
-                RenewPhase::CreateReread(rec),
-                SimReply::Flow(StoreReply::Session(Some(crate::store::Versioned {
-                    version: v,
-                    ..
-                }))),
-            ) => {
-                p.session = Some(RenewState::new(rec, v));
-                // The earliest create sent bounds the window of whichever one landed.
-                RenewOutcome::Extended(p.first_create_sent.unwrap() + params.self_fence_after())
-            }
-            (
-                RenewPhase::Creating(rec),
-                SimReply::Flow(StoreReply::Failed(StoreError::Conflict { .. })),
-            ) => {
-                let key = rec.key();
-                p.renew = RenewPhase::CreateReread(rec);
-                self.request(id, true, SimOp::Flow(StoreOp::GetSession(key)));
-                return;
-            }
-            (
-                RenewPhase::Creating(_) | RenewPhase::CreateReread(_),
-                SimReply::Flow(StoreReply::Session(None)),
-            ) => RenewOutcome::Lost,
-            (RenewPhase::Creating(_) | RenewPhase::CreateReread(_), _) => {
-                return self.create_session(id);
-            }
-            (RenewPhase::Renewing(n), SimReply::Flow(StoreReply::Put(v))) => {
-                p.session.as_mut().unwrap().succeeded(n, v, &params)
-            }
-            (
-                RenewPhase::Renewing(_),
-                SimReply::Flow(StoreReply::Failed(StoreError::Conflict { .. })),
-            ) => {
-                p.renew = RenewPhase::Rereading;
-                let key = self.key_of(id);
-                self.request(id, true, SimOp::Flow(StoreOp::GetSession(key)));
-                return;
-            }
-            (RenewPhase::Rereading, SimReply::Flow(StoreReply::Session(current))) => {
-                p.session.as_mut().unwrap().conflicted(current, &params)
-            }
-            _ => {
-                return self.after_local(id, retry, TimerKind::Renew);
-            }
-        };
-        match outcome {
-            RenewOutcome::Extended(until) => {
-                let first = p.deadline == Mono::ZERO;
-                p.deadline = p.deadline.max(until);
-                self.after_local(id, params.renew_interval(), TimerKind::Renew);
-                if first {
-                    self.begin_recovery(id);
-                }
-            }
-            RenewOutcome::Lost => {
-                // The session is over: the process stops all writes and exits; a
-                // supervisor restarts it with a new session.
-                let node = p.node;
-                self.kill_proc(id);
-                let at = self.now + self.d_frac(0.05, 0.5);
-                self.schedule(at, Ev::Restart { node });
-            }
-        }
-    }
-
-    fn begin_recovery(&mut self, id: u64) {
-        let node = self.nodes[self.procs[&id].node].name.clone();
-        self.procs.get_mut(&id).unwrap().work = Work::Listing;
-        self.request(id, false, SimOp::ListSessions(node));
     }
 
     fn probe_lock(&self, node: usize, instance: &str) -> LockProbe {
