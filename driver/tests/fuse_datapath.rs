@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
@@ -55,9 +55,24 @@ fn errno_of<T>(r: std::io::Result<T>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
 }
 
+fn with_writeback(writeback: bool) -> FuseOptions {
+    let mut opts = FuseOptions::new(FenceAction::Error);
+    opts.writeback_cache = writeback;
+    opts
+}
+
 #[test]
 fn files_data_and_sync_land_in_backing_dir() {
-    let m = Mounted::new(FuseOptions::new(FenceAction::Error));
+    files_data_and_sync(with_writeback(false));
+}
+
+#[test]
+fn files_data_and_sync_land_in_backing_dir_with_writeback_cache() {
+    files_data_and_sync(with_writeback(true));
+}
+
+fn files_data_and_sync(opts: FuseOptions) {
+    let m = Mounted::new(opts);
     let mut f = File::create(m.t("data")).unwrap();
     let block: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
     for _ in 0..4 {
@@ -102,7 +117,16 @@ fn files_data_and_sync_land_in_backing_dir() {
 
 #[test]
 fn shared_writable_mmap_and_msync_reach_backing_file() {
-    let m = Mounted::new(FuseOptions::new(FenceAction::Error));
+    shared_mmap(with_writeback(false));
+}
+
+#[test]
+fn shared_writable_mmap_and_msync_reach_backing_file_with_writeback_cache() {
+    shared_mmap(with_writeback(true));
+}
+
+fn shared_mmap(opts: FuseOptions) {
+    let m = Mounted::new(opts);
     let f = OpenOptions::new()
         .read(true)
         .write(true)

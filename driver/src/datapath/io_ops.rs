@@ -13,13 +13,13 @@ use std::sync::Mutex;
 use fuser::Generation;
 use fuser::{Errno, FileAttr, FileType as FuseKind, INodeNo, ReplyDirectory, ReplyDirectoryPlus};
 use rustix::fs::{
-    fallocate, fdatasync, fstat, fsync, openat, Dir, FallocateFlags, FileType, Mode, OFlags, CWD,
+    fallocate, fdatasync, fstat, fsync, openat, Dir, FallocateFlags, FileType, Mode, OFlags,
 };
 use rustix::io::{pread, pwrite};
 
 use super::fs::VolumeFs;
 use super::meta_ops::Caller;
-use super::sys::{check_name, errno, kind_of, proc_path, reopen};
+use super::sys::{check_name, errno, kind_of, reopen};
 
 thread_local! {
     /// One read buffer per worker thread: a fresh 1 MiB allocation per READ would be
@@ -83,13 +83,10 @@ impl VolumeFs {
             }
             Err(e) => return Err(errno(e)),
         };
-        let path_fd = openat(
-            CWD,
-            proc_path(&fd),
-            OFlags::PATH | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(errno)?;
+        // The kernel holds the parent's lock across CREATE, so the name still names the
+        // inode just opened.
+        let path_flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let path_fd = openat(&p.fd, name, path_flags, Mode::empty()).map_err(errno)?;
         let (id, attr) = self.remember(path_fd)?;
         Ok((id, attr, self.files.insert(fd)))
     }
