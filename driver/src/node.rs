@@ -203,7 +203,9 @@ impl Node for NodeService {
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.get_ref();
         let volume = validate::require("volume_id", &req.volume_id)?.to_string();
-        let path = validate::require_absolute_path("volume_path", &req.volume_path)?.to_path_buf();
+        // Any non-empty path is a valid question; one that is not a published target of
+        // the volume (relative ones included) is NOT_FOUND.
+        let path = std::path::PathBuf::from(validate::require("volume_path", &req.volume_path)?);
         let publisher = self.publisher.clone();
         let shown = path.clone();
         let usage = blocking(move || publisher.usage(&volume, &path)).await?;

@@ -56,6 +56,14 @@ impl PublishedTable {
         self.volumes.get(volume)?.get(target).copied()
     }
 
+    /// The volume published at `target`, if any.
+    pub fn volume_at(&self, target: &Path) -> Option<&str> {
+        self.volumes
+            .iter()
+            .find(|(_, targets)| targets.contains_key(target))
+            .map(|(volume, _)| volume.as_str())
+    }
+
     /// Every target of `volume`, sorted.
     pub fn targets(&self, volume: &str) -> Vec<PathBuf> {
         self.volumes
@@ -180,6 +188,8 @@ mod tests {
             table.targets("v"),
             vec![PathBuf::from("/a"), PathBuf::from("/b")]
         );
+        assert_eq!(table.volume_at(Path::new("/b")), Some("v"));
+        assert_eq!(table.volume_at(Path::new("/c")), None);
         assert_eq!(table.remove("v", Path::new("/a")), Some(p));
         assert_eq!(table.remove("v", Path::new("/a")), None);
         table.remove("v", Path::new("/b"));

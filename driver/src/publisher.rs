@@ -202,6 +202,15 @@ impl Publisher {
             self.table().remove(volume, target);
             return Ok(());
         };
+        // Refuse to take away another volume's target: the CO named the wrong one.
+        let recorded = self.table().volume_at(&target).map(str::to_string);
+        if let Some(other) = recorded.filter(|other| other != volume) {
+            return Err(NodeError::TargetShowsOtherVolume {
+                target,
+                volume: volume.to_string(),
+                other,
+            });
+        }
         let session = self.sessions().remove(&target);
         if let Some(session) = session {
             // Busy: detached and its connection aborted, so no I/O can pass any more.
@@ -218,7 +227,7 @@ impl Publisher {
                 mount::unmount(&target, DetachPolicy::IfBusy)?;
                 continue;
             }
-            // Refuse to take away another volume's mount: the CO named the wrong one.
+            // Checked again against the mount itself: the table may not know the target.
             let shown = table
                 .locate(&volumes_dir)
                 .and_then(|loc| mounted.shows_inside(&loc).map(Path::to_path_buf));
@@ -253,6 +262,9 @@ impl Publisher {
             volume: volume.to_string(),
             path: path.to_path_buf(),
         };
+        if !path.is_absolute() {
+            return Err(not_published());
+        }
         let real = path.canonicalize().map_err(|_| not_published())?;
         if self.table().get(volume, &real).is_none() {
             return Err(not_published());

@@ -153,3 +153,24 @@ async fn sigterm_leaves_fuse_targets_mounted_and_dead() {
     );
     assert_dead(&target);
 }
+
+#[tokio::test]
+async fn fuse_unpublish_naming_another_volume_leaves_the_mount_alone() {
+    let plugin = Plugin::start_standalone().await;
+    let channel = plugin.channel().await;
+    let mut node = NodeClient::new(channel.clone());
+    let mounted = create_volume(&channel, "pv-fuse-mounted", "fuse").await;
+    let bystander = create_volume(&channel, "pv-fuse-bystander", "fuse").await;
+    let target = plugin.target();
+    node.node_publish_volume(publish_request(&mounted, &target, false))
+        .await
+        .unwrap();
+
+    let err = node
+        .node_unpublish_volume(unpublish_request(&bystander, &target))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(mounts_at(&target).len(), 1);
+    std::fs::write(target.join("still-served"), b"yes").expect("the volume is still served");
+}

@@ -415,6 +415,7 @@ async fn stats_report_bytes_and_inodes_of_published_targets_only() {
         (other.as_str(), target.clone()),
         (id.as_str(), f.plugin.target()),
         (id.as_str(), target.parent().unwrap().to_path_buf()),
+        (id.as_str(), PathBuf::from("relative/path")),
     ] {
         let err = f
             .node
@@ -613,4 +614,33 @@ async fn symlink_or_file_target_is_refused() {
     }
     // mount(2) would follow the link: nothing may end up mounted at its destination.
     assert!(mounts_at(&elsewhere.canonicalize().unwrap()).is_empty());
+}
+
+#[tokio::test]
+async fn unpublish_naming_another_volume_leaves_the_mount_alone() {
+    let mut f = fixture().await;
+    let mounted = create_volume(&f.channel, "pv-mounted", "bind").await;
+    let bystander = create_volume(&f.channel, "pv-bystander", "bind").await;
+    let target = f.plugin.target();
+    f.node
+        .node_publish_volume(publish_request(&mounted, &target, false))
+        .await
+        .unwrap();
+
+    let err = f
+        .node
+        .node_unpublish_volume(unpublish_request(&bystander, &target))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(mounts_at(&target).len(), 1);
+    // Also after a restart, when only the mount table tells which volume it is.
+    f.plugin.restart().await;
+    let mut node = NodeClient::new(f.plugin.channel().await);
+    let err = node
+        .node_unpublish_volume(unpublish_request(&bystander, &target))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(mounts_at(&target).len(), 1);
 }
