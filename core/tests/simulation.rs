@@ -123,3 +123,8 @@ fn finds_the_violation_when_a_timeout_takeover_keeps_the_session() {
 fn finds_the_violation_when_a_live_predecessor_is_presumed_dead() {
     assert_found(Weakness::NoNodeLock);
 }
+
+#[test]
+fn finds_the_violation_when_the_deadline_counts_from_the_reply() {
+    assert_found(Weakness::DeadlineFromReply);
+}

@@ -45,6 +45,9 @@ pub enum Weakness {
     /// Recovery presumes every same-boot predecessor dead without taking its flock,
     /// so a live old instance (rolling update) loses its claims while still writing.
     NoNodeLock,
+    /// The holder counts its window from when the renewal's reply arrived rather than
+    /// from when it was sent, so a slow reply stretches the window past the acquirer's.
+    DeadlineFromReply,
 }
 
 /// One simulation's shape.

@@ -11,6 +11,7 @@ use crate::store::{StoreError, Versioned};
 use super::proc::{RenewPhase, Work};
 use super::store::{SimOp, SimReply};
 use super::world::{Ev, TimerKind, World};
+use super::Weakness;
 
 impl World {
     pub(super) fn create_session(&mut self, id: u64) {
@@ -44,6 +45,8 @@ impl World {
     pub(super) fn on_renew_reply(&mut self, id: u64, reply: SimReply) {
         let params = self.cfg.params;
         let retry = params.renew_interval() / 4;
+        let now = self.local_now(id);
+        let from_reply = self.cfg.weakness == Weakness::DeadlineFromReply;
         let p = self.procs.get_mut(&id).unwrap();
         let phase = std::mem::replace(&mut p.renew, RenewPhase::Idle);
         let outcome = match (phase, reply) {
@@ -96,6 +99,12 @@ impl World {
         };
         match outcome {
             RenewOutcome::Extended(until) => {
+                // Weakened: count the window from the reply, not from the send.
+                let until = if from_reply {
+                    now + params.self_fence_after()
+                } else {
+                    until
+                };
                 let first = p.deadline == Mono::ZERO;
                 p.deadline = p.deadline.max(until);
                 self.after_local(id, params.renew_interval(), TimerKind::Renew);

@@ -18,10 +18,11 @@ use super::{checker, SimConfig, SimOutcome};
 /// Simulated real time, in microseconds.
 pub(super) type Real = u64;
 
-/// One boot's CLOCK_BOOTTIME: starts at a random reading and runs at a fixed rate
-/// within [1 − ε, 1 + ε] of real time.
+/// One boot's CLOCK_BOOTTIME: starts at a random reading and runs at a rate within
+/// [1 − ε, 1 + ε] of real time, which drifts now and then (piecewise constant).
 pub(super) struct Clock {
     pub rate: f64,
+    /// The reading at real time `boot_at` (the boot, or the last rate change).
     pub offset_ns: u64,
     pub boot_at: Real,
 }
@@ -32,7 +33,14 @@ impl Clock {
         Mono::from_nanos(self.offset_ns + elapsed_ns as u64)
     }
 
-    /// The real time this clock takes to advance by `local`.
+    /// Changes the rate from `now` on, keeping the reading continuous.
+    pub fn drift(&mut self, now: Real, rate: f64) {
+        self.offset_ns = self.local(now).as_nanos();
+        self.boot_at = now;
+        self.rate = rate;
+    }
+
+    /// The real time this clock takes to advance by `local` at its current rate.
     pub fn real_for(&self, local: Duration) -> Real {
         (local.as_nanos() as f64 / self.rate / 1000.0).ceil() as Real
     }
@@ -274,13 +282,18 @@ impl World {
         self.schedule(at, Ev::AtProc { proc, token, reply });
     }
 
-    fn boot(&mut self, node: usize) {
+    /// A clock rate within the bound, often at its extremes.
+    fn pick_rate(&mut self) -> f64 {
         let eps = self.cfg.params.epsilon;
-        let rate = match self.rng.pick(3) {
+        match self.rng.pick(3) {
             0 => 1.0 - eps,
             1 => 1.0 + eps,
             _ => 1.0 - eps + 2.0 * eps * self.rng.unit(),
-        };
+        }
+    }
+
+    fn boot(&mut self, node: usize) {
+        let rate = self.pick_rate();
         let offset_ns = self.rng.range(0, self.d_real * 10 * 1000);
         let n = &mut self.nodes[node];
         n.boot += 1;
@@ -343,9 +356,13 @@ impl World {
             }
             let at = self.now + self.d_frac(0.1, 2.0);
             self.schedule(at, Ev::Boot { node });
-        } else if roll < 0.80 {
+        } else if roll < 0.75 {
             let node = self.rng.pick(self.nodes.len());
             self.nodes[node].partitioned_until = self.now + self.d_frac(0.2, 3.0);
+        } else if roll < 0.80 {
+            let node = self.rng.pick(self.nodes.len());
+            let rate = self.pick_rate();
+            self.nodes[node].clock.drift(self.now, rate);
         } else if roll < 0.88 {
             self.store_down_until = self.now + self.d_frac(0.1, 2.0);
         } else if roll < 0.96 && !alive.is_empty() {
