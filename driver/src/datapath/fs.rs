@@ -325,15 +325,17 @@ impl Filesystem for VolumeFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Nothing is buffered in the daemon; the kernel wrote back dirty pages (through
-        // the gate) before sending FLUSH. The answer tells close(2) whether the volume
-        // is still usable.
-        empty(
-            self.fence
-                .pass()
-                .and_then(|()| self.files.get(fh.0).map(|_| ())),
-            reply,
-        )
+        // Nothing is buffered in the daemon, so there is nothing to flush: ENOSYS tells
+        // the kernel to stop sending FLUSH (one round trip less per close). Dirty pages
+        // are still written back, through the gate, before close(2) returns. A FLUSH
+        // that arrives on a stopped volume gets the gate's answer, so that close(2)
+        // reports it.
+        let r = self
+            .fence
+            .pass()
+            .and_then(|()| self.files.get(fh.0))
+            .and(Err(Errno::ENOSYS));
+        empty(r, reply)
     }
 
     fn release(
