@@ -7,11 +7,13 @@
 //!   unpublish and stats do on the node (bind mount or FUSE); [`published`]: the table
 //!   of published targets and the per-volume locks; [`error`]: the node's error type
 //!   and its one mapping to gRPC statuses.
-//! - [`datapath`]: the fenced FUSE data path.
+//! - [`datapath`]: the fenced FUSE data path; [`fuse_targets`]: the node-local record
+//!   of which volume each FUSE target shows.
 
 pub mod args;
 pub mod datapath;
 pub mod error;
+pub mod fuse_targets;
 pub mod mount;
 pub mod node;
 pub mod plugin;

@@ -35,11 +35,15 @@ pub struct NodeService {
 
 impl NodeService {
     /// A Node service for `node_id` over `backend`, with the published table rebuilt
-    /// from the current mount table.
-    pub fn new(node_id: String, backend: Arc<Backend>) -> Result<NodeService, NodeError> {
+    /// from the current mount table (and the FUSE record in `state_dir`).
+    pub fn new(
+        node_id: String,
+        backend: Arc<Backend>,
+        state_dir: &std::path::Path,
+    ) -> Result<NodeService, NodeError> {
         Ok(NodeService {
             node_id,
-            publisher: Arc::new(Publisher::new(backend)?),
+            publisher: Arc::new(Publisher::new(backend, state_dir)?),
         })
     }
 
@@ -53,23 +57,12 @@ impl NodeService {
     }
 }
 
-fn stats_response(usage: TargetUsage, path: &std::path::Path) -> NodeGetVolumeStatsResponse {
-    let st = usage.stat;
-    let bytes = |blocks: u64| i64::try_from(blocks.saturating_mul(st.f_frsize)).unwrap_or(i64::MAX);
-    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-    let volume_condition = if usage.mounted {
-        VolumeCondition {
-            abnormal: false,
-            message: "ok".into(),
-        }
-    } else {
-        VolumeCondition {
-            abnormal: true,
-            message: format!("{} is no longer mounted", path.display()),
-        }
-    };
-    NodeGetVolumeStatsResponse {
-        usage: vec![
+fn stats_response(usage: TargetUsage) -> NodeGetVolumeStatsResponse {
+    let usage_of = |st: rustix::fs::StatVfs| {
+        let bytes =
+            |blocks: u64| i64::try_from(blocks.saturating_mul(st.f_frsize)).unwrap_or(i64::MAX);
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        vec![
             VolumeUsage {
                 total: bytes(st.f_blocks),
                 available: bytes(st.f_bavail),
@@ -82,7 +75,20 @@ fn stats_response(usage: TargetUsage, path: &std::path::Path) -> NodeGetVolumeSt
                 used: count(st.f_files.saturating_sub(st.f_ffree)),
                 unit: volume_usage::Unit::Inodes as i32,
             },
-        ],
+        ]
+    };
+    let volume_condition = match usage.problem {
+        None => VolumeCondition {
+            abnormal: false,
+            message: "ok".into(),
+        },
+        Some(message) => VolumeCondition {
+            abnormal: true,
+            message,
+        },
+    };
+    NodeGetVolumeStatsResponse {
+        usage: usage.stat.map(usage_of).unwrap_or_default(),
         volume_condition: Some(volume_condition),
     }
 }
@@ -207,9 +213,8 @@ impl Node for NodeService {
         // the volume (relative ones included) is NOT_FOUND.
         let path = std::path::PathBuf::from(validate::require("volume_path", &req.volume_path)?);
         let publisher = self.publisher.clone();
-        let shown = path.clone();
         let usage = blocking(move || publisher.usage(&volume, &path)).await?;
-        Ok(Response::new(stats_response(usage, &shown)))
+        Ok(Response::new(stats_response(usage)))
     }
 
     async fn node_get_capabilities(

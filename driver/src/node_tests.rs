@@ -63,7 +63,7 @@ async fn publish_and_unpublish_wait_for_the_volume_lock() {
     let id = bind_volume(&backend, "locked");
     let target = base.join("target");
     let _cleanup = UnmountOnDrop(target.clone());
-    let service = Arc::new(NodeService::new("n1".into(), backend).unwrap());
+    let service = Arc::new(NodeService::new("n1".into(), backend, &base).unwrap());
 
     let held = service.publisher.locks.lock(&id).await;
     let call = {

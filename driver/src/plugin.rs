@@ -74,7 +74,7 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
         (true, other) => return Err(RunError::LeaseStoreUnavailable(other)),
         (false, _) => None,
     };
-    let node = NodeService::new(config.node_id.clone(), backend.clone())?;
+    let node = NodeService::new(config.node_id.clone(), backend.clone(), &config.state_dir)?;
     let readiness = Readiness::new();
     let identity = IdentityService::new(true, readiness.clone());
 

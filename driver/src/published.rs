@@ -72,6 +72,15 @@ impl PublishedTable {
             .unwrap_or_default()
     }
 
+    /// Every (volume, target, how) triple, by volume then target.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Path, Published)> + '_ {
+        self.volumes.iter().flat_map(|(volume, targets)| {
+            targets
+                .iter()
+                .map(move |(target, p)| (volume.as_str(), target.as_path(), *p))
+        })
+    }
+
     /// Number of (volume, target) pairs.
     pub fn len(&self) -> usize {
         self.volumes.values().map(BTreeMap::len).sum()

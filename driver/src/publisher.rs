@@ -9,7 +9,8 @@
 //! filesystem) with the volume's data directory; a FUSE target is this process's only if
 //! it is in the session map. A `fuse.holdfast` mount nobody here serves belongs to a
 //! dead predecessor: its connection died with it, so it provably carries no I/O and may
-//! be unmounted (lazily if busy) and replaced.
+//! be unmounted (lazily if busy) and replaced. Which volume such a mount showed is
+//! known from the node-local record kept by [`crate::fuse_targets`].
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -21,6 +22,7 @@ use holdfast_core::lease::VolumeGate;
 
 use crate::datapath::{self, FuseOptions, FuseVolume};
 use crate::error::NodeError;
+use crate::fuse_targets::{FuseTarget, FuseTargets, FuseTargetsFile};
 use crate::mount::{self, DetachPolicy, MountEntry, MountTable};
 use crate::published::{DataPathKind, Published, PublishedTable, VolumeLocks};
 
@@ -40,40 +42,80 @@ pub struct PublishPlan {
     pub single_target: bool,
 }
 
-/// statvfs of a published target, and whether it is still mounted.
+/// statvfs of a published target (`None` when it cannot be read), and what is wrong
+/// with it, if anything.
 pub struct TargetUsage {
-    pub stat: rustix::fs::StatVfs,
-    pub mounted: bool,
+    pub stat: Option<rustix::fs::StatVfs>,
+    pub problem: Option<String>,
 }
 
 pub struct Publisher {
     backend: std::sync::Arc<Backend>,
     published: Mutex<PublishedTable>,
     fuse: Mutex<HashMap<PathBuf, FuseVolume>>,
+    fuse_record: FuseTargetsFile,
     pub locks: VolumeLocks,
 }
 
 impl Publisher {
     /// A publisher over `backend`, with the table rebuilt from the mount table: every
-    /// bind mount of a volume's data directory is a target published before a restart.
-    pub fn new(backend: std::sync::Arc<Backend>) -> Result<Publisher, NodeError> {
+    /// bind mount of a volume's data directory, and every FUSE mount recorded in
+    /// `state_dir`, is a target published before a restart.
+    pub fn new(backend: std::sync::Arc<Backend>, state_dir: &Path) -> Result<Publisher, NodeError> {
         let table = MountTable::read()?;
-        let published = match table.locate(&backend.root().join(VOLUMES_DIR)) {
+        let mut published = match table.locate(&backend.root().join(VOLUMES_DIR)) {
             Some(location) => PublishedTable::recover(&table, &location),
             None => PublishedTable::default(),
         };
+        let fuse_record = FuseTargetsFile::new(state_dir);
+        for (target, recorded) in fuse_record.load()? {
+            let still_mounted = table
+                .mounted_at(&target)
+                .is_some_and(|m| m.fs_type == FUSE_FS_TYPE);
+            if still_mounted {
+                let how = Published {
+                    readonly: recorded.readonly,
+                    kind: DataPathKind::Fuse,
+                };
+                published.insert(&recorded.volume, target, how);
+            }
+        }
         if !published.is_empty() {
             tracing::info!(
                 targets = published.len(),
                 "recovered published targets from the mount table"
             );
         }
-        Ok(Publisher {
+        let publisher = Publisher {
             backend,
             published: Mutex::new(published),
             fuse: Mutex::new(HashMap::new()),
+            fuse_record,
             locks: VolumeLocks::default(),
-        })
+        };
+        publisher.store_fuse_record();
+        Ok(publisher)
+    }
+
+    /// Rewrites the FUSE record from the table. A failure is logged, not returned: the
+    /// mount it describes is already made or gone, and a stale record only costs a
+    /// restarted plugin the knowledge of which volume a dead FUSE target showed.
+    fn store_fuse_record(&self) {
+        let table = self.table();
+        let targets: FuseTargets = table
+            .entries()
+            .filter(|(_, _, how)| how.kind == DataPathKind::Fuse)
+            .map(|(volume, target, how)| {
+                let recorded = FuseTarget {
+                    volume: volume.to_string(),
+                    readonly: how.readonly,
+                };
+                (target.to_path_buf(), recorded)
+            })
+            .collect();
+        if let Err(e) = self.fuse_record.store(&targets) {
+            tracing::error!(error = %e, "cannot record FUSE targets");
+        }
     }
 
     pub fn table(&self) -> MutexGuard<'_, PublishedTable> {
@@ -193,6 +235,9 @@ impl Publisher {
     fn record(&self, volume: &str, target: PathBuf, readonly: bool, kind: DataPathKind) {
         self.table()
             .insert(volume, target, Published { readonly, kind });
+        if kind == DataPathKind::Fuse {
+            self.store_fuse_record();
+        }
     }
 
     /// Unmounts the target and removes the directory. A target that does not exist is
@@ -251,7 +296,10 @@ impl Publisher {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(NodeError::io("remove target_path", &target, e)),
         }
-        self.table().remove(volume, &target);
+        let removed = self.table().remove(volume, &target);
+        if removed.is_some_and(|how| how.kind == DataPathKind::Fuse) {
+            self.store_fuse_record();
+        }
         tracing::info!(volume, target = %target.display(), "unpublished");
         Ok(())
     }
@@ -269,10 +317,29 @@ impl Publisher {
         if self.table().get(volume, &real).is_none() {
             return Err(not_published());
         }
-        let mounted = MountTable::read()?.mounted_at(&real).is_some();
-        let stat =
-            rustix::fs::statvfs(&real).map_err(|e| NodeError::io("statvfs", &real, e.into()))?;
-        Ok(TargetUsage { stat, mounted })
+        if MountTable::read()?.mounted_at(&real).is_none() {
+            let problem = format!("{} is no longer mounted", real.display());
+            return Ok(TargetUsage {
+                stat: None,
+                problem: Some(problem),
+            });
+        }
+        match rustix::fs::statvfs(&real) {
+            Ok(stat) => Ok(TargetUsage {
+                stat: Some(stat),
+                problem: None,
+            }),
+            // The FUSE server that served this target died with a previous plugin.
+            Err(rustix::io::Errno::NOTCONN) => Ok(TargetUsage {
+                stat: None,
+                problem: Some(format!(
+                    "{} lost its data path server (the plugin restarted); the pod \
+                     must be restarted to use the volume again",
+                    real.display()
+                )),
+            }),
+            Err(e) => Err(NodeError::io("statvfs", &real, e.into())),
+        }
     }
 }
 

@@ -117,6 +117,25 @@ async fn fuse_io_stops_when_the_plugin_dies_and_restart_cleans_up() {
     );
 
     let mut node = NodeClient::new(plugin.channel().await);
+    // The restarted plugin knows which volume the dead target showed (from its record):
+    // stats report it abnormal, and an unpublish naming another volume is refused.
+    let stats = node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: target.to_str().unwrap().into(),
+            ..Default::default()
+        })
+        .await
+        .expect("stats of a dead FUSE target")
+        .into_inner();
+    let condition = stats.volume_condition.expect("volume_condition");
+    assert!(condition.abnormal, "{condition:?}");
+    let other = create_volume(&plugin.channel().await, "pv-fuse-other", "fuse").await;
+    let err = node
+        .node_unpublish_volume(unpublish_request(&other, &target))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     // Unpublish of a dead FUSE target removes it.
     node.node_unpublish_volume(unpublish_request(&id, &target))
         .await

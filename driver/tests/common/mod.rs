@@ -15,6 +15,7 @@
 //! - [`Plugin::logs`] — everything the plugin wrote to stdout/stderr so far.
 //! - [`Plugin::data_dir`] — the backing directory a volume's targets show.
 //!
+//! [`fixture`] starts a plugin and returns it with a channel and a Node client.
 //! Request helpers: [`create_volume`] (through the Controller, with a `dataPath`),
 //! [`publish_request`], [`unpublish_request`], [`mount_capability`]; and [`mounts_at`],
 //! an independent reading of `/proc/self/mountinfo` for one mount point.
@@ -229,6 +230,24 @@ impl Plugin {
     /// What the plugin logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+/// A started plugin with a channel and a Node client on it.
+pub struct Fixture {
+    pub plugin: Plugin,
+    pub node: holdfast_core::csi::v1::node_client::NodeClient<Channel>,
+    pub channel: Channel,
+}
+
+/// Starts a standalone plugin and connects to it.
+pub async fn fixture() -> Fixture {
+    let plugin = Plugin::start_standalone().await;
+    let channel = plugin.channel().await;
+    Fixture {
+        node: holdfast_core::csi::v1::node_client::NodeClient::new(channel.clone()),
+        channel,
+        plugin,
     }
 }
 
