@@ -208,14 +208,31 @@ impl EtcdServer {
         kill_process(Pid::from_child(child), signal).expect("signalling etcd");
     }
 
-    /// SIGSTOP: etcd stops answering but keeps its connections open.
+    /// SIGSTOP: etcd stops answering but keeps its connections open. Returns once the
+    /// kernel reports the process stopped (a signal is delivered asynchronously, and a
+    /// request answered in between would make a fault test pass or fail by chance).
     pub fn pause(&self) {
         self.signal(Signal::STOP);
+        self.wait_until_stopped(true);
     }
 
-    /// SIGCONT after [`EtcdServer::pause`].
+    /// SIGCONT after [`EtcdServer::pause`]; returns once the process runs again.
     pub fn resume(&self) {
         self.signal(Signal::CONT);
+        self.wait_until_stopped(false);
+    }
+
+    fn wait_until_stopped(&self, stopped: bool) {
+        let pid = self.pid().expect("etcd is not running");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while process_stopped(pid) != stopped {
+            assert!(
+                Instant::now() < deadline,
+                "etcd (pid {pid}) did not {} in time",
+                if stopped { "stop" } else { "continue" }
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// SIGKILL, and waits for the process to be gone. Idempotent.
@@ -241,6 +258,16 @@ impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether `/proc/<pid>/stat` says the process is stopped (state `T`).
+fn process_stopped(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the command name, which is in parentheses and may contain any
+    // character: look after the last `)`.
+    stat.rsplit_once(')')
+        .map(|(_, rest)| rest.trim_start().starts_with('T'))
+        .unwrap_or(false)
 }
 
 fn free_port(ip: IpAddr) -> u16 {
