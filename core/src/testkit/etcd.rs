@@ -20,10 +20,15 @@
 //! [dev-dependencies]
 //! holdfast-core = { workspace = true, features = ["testkit"] }
 //! ```
-//! ```ignore
+//! ```no_run
+//! # async fn example() {
+//! use holdfast_core::store::LeaseStore;
 //! let etcd = holdfast_core::testkit::etcd::EtcdServer::start();
 //! let store = etcd.store("/my-test/").await; // an EtcdStore with a 2 s call timeout
-//! etcd.pause(); /* ... */ etcd.resume();
+//! etcd.pause(); // calls now fail with Unavailable after the timeout
+//! assert!(store.list_claims().await.is_err());
+//! etcd.resume();
+//! # }
 //! ```
 
 use std::io::{Read, Write};
