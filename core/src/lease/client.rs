@@ -1,6 +1,6 @@
 //! The async shell around the pure protocol: [`LeaseClient`] runs decisions against a
-//! [`LeaseStore`]; [`SessionLease`] is one plugin instance's session — it renews, keeps
-//! the [`SessionDeadline`] the data path checks, and acquires and releases claims.
+//! [`LeaseStore`]; [`crate::lease::SessionLease`] is one plugin instance's session — it renews, keeps
+//! the [`crate::lease::SessionDeadline`] the data path checks, and acquires and releases claims.
 //!
 //! Nothing here decides anything itself: every choice is made by [`crate::lease::decide`],
 //! [`crate::lease::session`] or the [`AcquireAttempt`] step machine.

@@ -3,7 +3,7 @@
 //! runs the very same machine against a simulated one with delays, loss and outages.
 //!
 //! Steps: read this node's fence; read the claim; if someone else holds it, read their
-//! session (recording its version in the [`SessionObserver`]) and their node's fence;
+//! session (recording its version in the [`crate::lease::SessionObserver`]) and their node's fence;
 //! decide; if the holder's session timed out, delete exactly the version timed; write
 //! the claim with a compare-and-swap on the version read.
 

@@ -10,6 +10,17 @@
 //! - [`client`]: [`SessionLease`], the async shell that drives all of it against a
 //!   [`crate::store::LeaseStore`]; [`fence`]: fencing a whole node.
 //!
+//! How the binaries use it:
+//! - node plugin: [`SessionLease::start`] once; per NodePublishVolume
+//!   [`SessionLease::acquire`] → [`Grant`] (its epoch goes onto the storage), a
+//!   [`VolumeGate`] over [`SessionLease::deadline`]; now and then
+//!   [`SessionLease::claim_status`], fencing the gate unless [`ClaimStatus::Held`];
+//!   per NodeUnpublishVolume stop the data path, then [`SessionLease::release`] (if the
+//!   store is down, retry later: a re-acquire meanwhile takes a new epoch, so the late
+//!   release cannot free it); at exit [`SessionLease::shutdown`].
+//! - controller: [`LeaseClient::inspect`] to see whether a volume's claim is live, and
+//!   [`fence_node`] / [`unfence_node`] for the out-of-service taint or explicit fences.
+//!
 //! Everything that decides (may this pod take the claim? may this holder still write?)
 //! is pure: it takes the records and a reading of [`crate::clock::Mono`] as arguments
 //! and does no I/O, so that the simulation drives exactly the code the binaries run.
