@@ -161,7 +161,10 @@ fn validate_publish(req: &NodePublishVolumeRequest) -> Result<PublishPlan, Statu
     Ok(PublishPlan {
         volume,
         target: target.to_path_buf(),
-        readonly: req.readonly,
+        // A reader-only access mode is mounted read-only whatever `readonly` says: a
+        // reader must never be able to write the volume.
+        readonly: req.readonly
+            || matches!(mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly),
         single_target,
     })
 }

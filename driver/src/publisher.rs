@@ -142,15 +142,36 @@ impl Publisher {
         // descriptor, so what is mounted is exactly what was checked.
         let data_dir = self.backend.open_data_dir(&plan.volume)?;
         let data_path = PathBuf::from(format!("/proc/self/fd/{}", data_dir.as_raw_fd()));
-        let target = create_target(&plan.target)?;
+        let (target, created) = create_target(&plan.target)?;
+        let fence_action = match meta.params.fence_action {
+            FenceAction::Error => datapath::FenceAction::Error,
+            FenceAction::Freeze => datapath::FenceAction::Freeze,
+        };
+        let result = self.publish_at(plan, kind, fence_action, &data_path, target.clone());
+        if result.is_err() && created {
+            // Leave nothing behind that this call made: nothing is mounted on the new
+            // directory (a failed mount is undone), so it is empty.
+            let _ = std::fs::remove_dir(&target);
+        }
+        result
+    }
 
+    fn publish_at(
+        &self,
+        plan: &PublishPlan,
+        kind: DataPathKind,
+        fence_action: datapath::FenceAction,
+        data_path: &Path,
+        target: PathBuf,
+    ) -> Result<(), NodeError> {
+        let id = plan.volume.as_str();
         let table = MountTable::read()?;
         if let Some(existing) = table.mounted_at(&target) {
             if existing.fs_type == FUSE_FS_TYPE && !self.sessions().contains_key(&target) {
                 tracing::warn!(target = %target.display(), "replacing a dead FUSE mount");
                 mount::unmount(&target, DetachPolicy::IfBusy)?;
             } else {
-                self.check_existing(&table, existing, &data_path, id, kind, plan.readonly)?;
+                self.check_existing(&table, existing, data_path, id, kind, plan.readonly)?;
                 self.record(id, target, plan.readonly, kind);
                 return Ok(());
             }
@@ -164,18 +185,15 @@ impl Publisher {
             }
         }
         match kind {
-            DataPathKind::Bind => mount::bind_mount(&data_path, &target, plan.readonly)?,
+            DataPathKind::Bind => mount::bind_mount(data_path, &target, plan.readonly)?,
             DataPathKind::Fuse => {
                 let opts = FuseOptions {
                     read_only: plan.readonly,
-                    ..FuseOptions::new(match meta.params.fence_action {
-                        FenceAction::Error => datapath::FenceAction::Error,
-                        FenceAction::Freeze => datapath::FenceAction::Freeze,
-                    })
+                    ..FuseOptions::new(fence_action)
                 };
                 // No claims are taken yet, so the gate stays open; the lease client
                 // will hand the claim's gate in here.
-                let volume = datapath::mount(&data_path, &target, VolumeGate::unclaimed(), opts)?;
+                let volume = datapath::mount(data_path, &target, VolumeGate::unclaimed(), opts)?;
                 if let Err(e) = check_read_only(&target, plan.readonly) {
                     let _ = volume.unmount();
                     return Err(e);
@@ -389,20 +407,21 @@ fn resolve_target(target: &Path) -> Result<Option<PathBuf>, NodeError> {
 }
 
 /// Creates the target directory if missing (the CO creates its parent, the plugin the
-/// target) and returns its resolved path. A symlink or file there is refused; a dead
-/// FUSE mount (`ENOTCONN`) is accepted, for the caller to replace.
-fn create_target(target: &Path) -> Result<PathBuf, NodeError> {
+/// target) and returns its resolved path, and whether this call created it. A symlink
+/// or file there is refused; a dead FUSE mount (`ENOTCONN`) is accepted, for the
+/// caller to replace.
+fn create_target(target: &Path) -> Result<(PathBuf, bool), NodeError> {
     let real = resolve_target(target)?
         .ok_or_else(|| NodeError::TargetParentMissing(target.to_path_buf()))?;
-    match std::fs::create_dir(&real) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+    let created = match std::fs::create_dir(&real) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
         Err(e) => return Err(NodeError::io("create target_path", &real, e)),
-    }
+    };
     match std::fs::symlink_metadata(&real) {
-        Ok(meta) if meta.is_dir() => Ok(real),
+        Ok(meta) if meta.is_dir() => Ok((real, created)),
         Ok(_) => Err(NodeError::TargetNotDirectory(real)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(real),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok((real, created)),
         Err(e) => Err(NodeError::io("inspect target_path", &real, e)),
     }
 }

@@ -192,6 +192,10 @@ async fn single_node_single_writer_allows_one_target() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(mounts_at(&second).is_empty());
+    assert!(
+        !second.exists(),
+        "a refused publish leaves no target behind"
+    );
     // SINGLE_NODE_WRITER (not single-writer) may be published at a second target.
     f.node
         .node_publish_volume(publish_request(&id, &second, false))
@@ -397,4 +401,22 @@ async fn unpublish_naming_another_volume_leaves_the_mount_alone() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert_eq!(mounts_at(&target).len(), 1);
+}
+
+#[tokio::test]
+async fn reader_only_access_modes_mount_read_only() {
+    let mut f = fixture().await;
+    let id = create_volume(&f.channel, "pv-reader", "bind").await;
+    for mode in [Mode::SingleNodeReaderOnly, Mode::MultiNodeReaderOnly] {
+        let target = f.plugin.target();
+        let request = NodePublishVolumeRequest {
+            volume_capability: Some(mount_capability(mode)),
+            ..publish_request(&id, &target, false)
+        };
+        f.node.node_publish_volume(request).await.unwrap();
+        let mounts = mounts_at(&target);
+        assert!(mounts[0].is_read_only(), "{mode:?}: {mounts:?}");
+        let err = std::fs::write(target.join("w"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{mode:?}");
+    }
 }
