@@ -17,6 +17,9 @@
 //! - a write that fails with [`StoreError::Unavailable`] (timeout, lost connection) may
 //!   or may not have been applied: re-read before deciding anything from it;
 //! - a list that meets a malformed record fails with `Malformed`; it never skips it.
+//! - a record that would not read back valid (empty node / instance / volume) is refused
+//!   with `Malformed` ("refusing to write") and nothing is written; a key with an empty
+//!   component is a `Backend` error.
 //!
 //! Backends: [`memory`], [`etcd`], [`kubernetes`]; [`codec`] holds the record encoding
 //! and validation they share.
