@@ -382,3 +382,21 @@ fn unmount_is_idempotent_and_leaves_target_empty() {
     );
     assert_eq!(fs::read(m.b("kept")).unwrap(), b"k");
 }
+
+#[test]
+fn unmounting_a_busy_volume_detaches_it_and_cuts_off_open_files() {
+    let mut m = Mounted::new(FuseOptions::new(FenceAction::Error));
+    let mut held = File::create(m.t("held")).unwrap();
+    held.write_all(b"ok").unwrap();
+    m.volume
+        .take()
+        .unwrap()
+        .unmount()
+        .expect("busy unmount succeeds by detaching");
+    assert!(!m.t("held").exists(), "target no longer shows the volume");
+    let r = held
+        .write_all(b" after-unmount")
+        .and_then(|()| held.sync_all());
+    assert_eq!(errno_of(r), Some(libc::ENOTCONN));
+    assert_eq!(fs::read(m.b("held")).unwrap(), b"ok");
+}
