@@ -76,10 +76,15 @@
 //! copy, flusher and throttling overhead) and it weakens the fence's error reporting
 //! (see above); it is a knob.
 //! Caching is safe because while this daemon holds the claim it is the only writer of the
-//! backing directory. Kernel passthrough (`FUSE_PASSTHROUGH`) is *not* used: the kernel
-//! then serves read/write on the backing file without asking the daemon, so the gate
-//! would no longer see them, and aborting the connection is not shown to stop I/O on
-//! already-open passthrough files; without a proof that a fence stops it, it stays off.
+//! backing directory. Kernel passthrough
+//! (`FUSE_PASSTHROUGH`) is *not* used: with it the kernel serves read/write on an open
+//! file straight from the backing file without a request to the daemon, so the gate
+//! never sees them. Stopping that I/O would need the daemon to act (abort the connection
+//! or unmount) at the fence — which a daemon paused past its deadline cannot do, while
+//! the design requires that a paused holder forward no write after its deadline.
+//! Aborting is also not shown to stop I/O on already-open passthrough files. Without
+//! that proof it stays off, and the data path pays extra copies per byte (see
+//! `benches/datapath.rs`).
 
 mod fence;
 mod fs;
