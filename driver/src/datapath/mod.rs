@@ -74,10 +74,10 @@
 //! `/dev/fuse` fd, `keep_cache` on open and long attribute/entry TTLs. The writeback
 //! cache is off by default: measured here it made sequential writes *slower* (one more
 //! copy, flusher and throttling overhead) and it weakens the fence's error reporting
-//! (see above); it is a knob.
-//! Caching is safe because while this daemon holds the claim it is the only writer of the
-//! backing directory. Kernel passthrough
-//! (`FUSE_PASSTHROUGH`) is *not* used: with it the kernel serves read/write on an open
+//! (see above); it is a knob. Caching is safe because while this daemon holds the claim
+//! it is the only writer of the backing directory.
+//!
+//! Kernel passthrough (`FUSE_PASSTHROUGH`) is *not* used: with it the kernel serves read/write on an open
 //! file straight from the backing file without a request to the daemon, so the gate
 //! never sees them. Stopping that I/O would need the daemon to act (abort the connection
 //! or unmount) at the fence — which a daemon paused past its deadline cannot do, while
