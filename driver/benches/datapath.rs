@@ -5,7 +5,8 @@
 //! `REPS` times alternating bind and FUSE; the table shows medians and fuse/bind.
 //! Sequential reads start cold: `sync` and `echo 3 > /proc/sys/vm/drop_caches` before
 //! each read pass (for both mounts). Environment knobs for experiments:
-//! `HOLDFAST_BENCH_WRITEBACK=0`, `HOLDFAST_BENCH_WRITE_THROUGH=1`, `HOLDFAST_BENCH_THREADS=n`.
+//! `HOLDFAST_BENCH_WRITEBACK=1`, `HOLDFAST_BENCH_WRITE_THROUGH=1`, `HOLDFAST_BENCH_THREADS=n`,
+//! `HOLDFAST_BENCH_DIRTY_RATIO=n`, `HOLDFAST_BENCH_ONLY=seq,random,meta`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -30,7 +31,7 @@ struct Row {
 }
 
 fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
@@ -212,11 +213,29 @@ fn main() {
                 rustix::fs::sync();
                 f(&dir)
             };
+            let only = std::env::var("HOLDFAST_BENCH_ONLY").unwrap_or_default();
+            let want = |key: &str| only.is_empty() || only.split(',').any(|k| k == key);
             let results = [
-                settled(seq_write),
-                seq_read(&dir),
-                settled(random_write_fsync),
-                settled(metadata),
+                if want("seq") {
+                    settled(seq_write)
+                } else {
+                    f64::NAN
+                },
+                if want("seq") {
+                    seq_read(&dir)
+                } else {
+                    f64::NAN
+                },
+                if want("random") {
+                    settled(random_write_fsync)
+                } else {
+                    f64::NAN
+                },
+                if want("meta") {
+                    settled(metadata)
+                } else {
+                    f64::NAN
+                },
             ];
             fs::remove_dir(&dir).unwrap();
             for (row, r) in rows.iter_mut().zip(results) {
