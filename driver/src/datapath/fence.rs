@@ -127,3 +127,79 @@ pub(super) fn watch(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use holdfast_core::lease::{FenceCause, SessionDeadline};
+    use std::sync::mpsc;
+
+    fn open_gate() -> (VolumeGate, SessionDeadline) {
+        let session = SessionDeadline::new();
+        session.extend_to(Mono::now() + Duration::from_secs(60));
+        (VolumeGate::new(session.clone()), session)
+    }
+
+    #[test]
+    fn error_action_refuses_once_stopped() {
+        let (gate, _) = open_gate();
+        let fence = Fence::new(gate.clone(), FenceAction::Error);
+        assert_eq!(fence.pass(), Ok(()));
+        gate.fence(FenceCause::EpochSuperseded);
+        assert_eq!(fence.pass(), Err(Errno::EIO));
+    }
+
+    #[test]
+    fn freeze_action_parks_until_close() {
+        let (gate, _) = open_gate();
+        let fence = Arc::new(Fence::new(gate.clone(), FenceAction::Freeze));
+        gate.fence(FenceCause::NodeFenced);
+        let (tx, rx) = mpsc::channel();
+        let f = fence.clone();
+        std::thread::spawn(move || tx.send(f.pass()).unwrap());
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "must park"
+        );
+        fence.close();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            Err(Errno::EIO)
+        );
+        // After close nothing parks any more.
+        assert_eq!(fence.pass(), Err(Errno::EIO));
+    }
+
+    #[test]
+    fn freeze_action_resumes_when_the_session_is_renewed() {
+        let session = SessionDeadline::new(); // never renewed: stopped
+        let fence = Arc::new(Fence::new(
+            VolumeGate::new(session.clone()),
+            FenceAction::Freeze,
+        ));
+        let (tx, rx) = mpsc::channel();
+        let f = fence.clone();
+        std::thread::spawn(move || tx.send(f.pass()).unwrap());
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "must park"
+        );
+        session.extend_to(Mono::now() + Duration::from_secs(60));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn watcher_wakes_at_the_session_deadline() {
+        let session = SessionDeadline::new();
+        session.extend_to(Mono::now() + Duration::from_millis(150));
+        let fence = Fence::new(VolumeGate::new(session), FenceAction::Error);
+        let start = std::time::Instant::now();
+        // A long poll: only the deadline itself can end the wait this early.
+        assert!(fence.wait_for_stop(Duration::from_secs(30)));
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(140) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+    }
+}
