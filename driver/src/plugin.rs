@@ -41,8 +41,8 @@ pub enum RunError {
     Backend(#[from] BackendError),
     #[error("node service: {0}")]
     Node(#[from] NodeError),
-    #[error("--lease-store {0:?} is not available in this build yet")]
-    LeaseStoreUnavailable(LeaseStoreKind),
+    #[error("--standalone runs the memory lease store only, not --lease-store {0}")]
+    LeaseStoreUnavailable(String),
     #[error(transparent)]
     Serve(#[from] ServeError),
 }
@@ -71,7 +71,12 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     // holds it for its whole life once they are. Standalone runs only the memory store.
     let _lease_store = match (config.standalone, config.lease_store) {
         (_, LeaseStoreKind::Memory) => Some(Arc::new(MemoryStore::new())),
-        (true, other) => return Err(RunError::LeaseStoreUnavailable(other)),
+        (true, other) => {
+            let name = clap::ValueEnum::to_possible_value(&other)
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            return Err(RunError::LeaseStoreUnavailable(name));
+        }
         (false, _) => None,
     };
     let node = NodeService::new(config.node_id.clone(), backend.clone(), &config.state_dir)?;
