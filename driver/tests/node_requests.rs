@@ -240,3 +240,38 @@ async fn symlink_or_file_target_is_refused() {
     // mount(2) would follow the link: nothing may end up mounted at its destination.
     assert!(mounts_at(&elsewhere.canonicalize().unwrap()).is_empty());
 }
+
+#[tokio::test]
+async fn cluster_mode_serves_identity_and_node_but_not_controller() {
+    use holdfast_core::csi::v1::controller_client::ControllerClient;
+    use holdfast_core::csi::v1::identity_client::IdentityClient;
+    use holdfast_core::csi::v1::plugin_capability::service::Type as Service;
+    use holdfast_core::csi::v1::{
+        plugin_capability, ControllerGetCapabilitiesRequest, GetPluginCapabilitiesRequest,
+    };
+
+    let plugin = common::Plugin::start_node_only().await;
+    let channel = plugin.channel().await;
+    let info = holdfast_core::csi::v1::node_client::NodeClient::new(channel.clone())
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .expect("the Node service is served")
+        .into_inner();
+    assert_eq!(info.node_id, common::NODE_ID);
+    // Every instance of the plugin reports the same capabilities, controller included.
+    let caps = IdentityClient::new(channel.clone())
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    assert!(caps.iter().any(|c| matches!(
+        &c.r#type,
+        Some(plugin_capability::Type::Service(s)) if s.r#type == Service::ControllerService as i32
+    )));
+    let err = ControllerClient::new(channel)
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+}

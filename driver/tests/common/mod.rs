@@ -4,7 +4,8 @@
 //! API:
 //! - [`Plugin::start_standalone`] — a fresh `--standalone` plugin (Identity + Controller +
 //!   Node, in-memory lease store) in its own temp dir; returns once the socket accepts
-//!   connections. [`Plugin::start_standalone_with`] adds extra flags.
+//!   connections. [`Plugin::start_standalone_with`] adds extra flags;
+//!   [`Plugin::start_node_only`] runs the normal (cluster) mode: Identity + Node only.
 //! - [`Plugin::channel`] — a tonic [`Channel`] to the socket (build any CSI client on it).
 //! - [`Plugin::kill`] — SIGKILL (a crash: mounts stay, the socket file stays).
 //! - [`Plugin::stop_sigterm`] — SIGTERM and wait for a graceful exit; returns its status.
@@ -59,6 +60,7 @@ pub struct Plugin {
     /// Owns everything above; removed on drop after the mounts under it are gone.
     pub tmp: tempfile::TempDir,
     extra_args: Vec<String>,
+    standalone: bool,
     child: Option<Child>,
     next_target: AtomicU64,
 }
@@ -71,6 +73,16 @@ impl Plugin {
 
     /// Like [`Plugin::start_standalone`], with extra command-line flags.
     pub async fn start_standalone_with(extra_args: &[&str]) -> Plugin {
+        Self::start(true, extra_args).await
+    }
+
+    /// The normal (cluster) mode: Identity + Node, no Controller, with the memory
+    /// lease store (no cluster store exists here).
+    pub async fn start_node_only() -> Plugin {
+        Self::start(false, &["--lease-store", "memory"]).await
+    }
+
+    async fn start(standalone: bool, extra_args: &[&str]) -> Plugin {
         let tmp = tempfile::Builder::new()
             .prefix("holdfast-driver-test-")
             .tempdir()
@@ -88,6 +100,7 @@ impl Plugin {
             state_dir,
             tmp,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            standalone,
             child: None,
             next_target: AtomicU64::new(0),
         };
@@ -106,8 +119,11 @@ impl Plugin {
             .append(true)
             .open(self.log_path())
             .expect("open plugin log");
-        let child = Command::new(env!("CARGO_BIN_EXE_holdfast-driver"))
-            .arg("--standalone")
+        let mut command = Command::new(env!("CARGO_BIN_EXE_holdfast-driver"));
+        if self.standalone {
+            command.arg("--standalone");
+        }
+        let child = command
             .arg("--endpoint")
             .arg(format!("unix://{}", self.socket.display()))
             .arg("--node-id")
