@@ -1,24 +1,61 @@
-//! The controller's command line: one clap-derive [`Args`] struct whose every flag has
-//! an environment fallback (for Deployment manifests).
+//! The controller's command line: clap-derive structs whose every flag has an
+//! environment fallback (for Deployment manifests). Without a subcommand the binary
+//! serves CSI ([`ServeArgs`]); the `fence`, `unfence` and `claims` subcommands are the
+//! admin and fencing-agent verbs, run against the same lease store as the node plugins.
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand, ValueEnum};
+use holdfast_core::lease_config::LeaseArgs;
 use holdfast_core::logging::LogFormat;
 
 /// holdfast controller: serves the CSI Identity and Controller services on a unix
-/// socket, creating and deleting volumes as directories under the backend root.
+/// socket (the default, or `serve`), and fences nodes and lists volume claims in the
+/// lease store (`fence`, `unfence`, `claims`).
 #[derive(Parser, Debug, Clone)]
-#[command(name = "holdfast-controller", version)]
+#[command(
+    name = "holdfast-controller",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Args {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+impl Args {
+    /// What to do: the subcommand given, or serving CSI with the top-level flags.
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Serve(self.serve))
+    }
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Serve the CSI Identity and Controller services (what the binary does without a
+    /// subcommand).
+    Serve(ServeArgs),
+    Fence(FenceArgs),
+    Unfence(UnfenceArgs),
+    Claims(ClaimsArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
     /// CSI endpoint to listen on: unix:///path/to/socket. A stale socket file is
     /// replaced at start; the socket is removed at graceful stop (SIGTERM/SIGINT).
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     pub endpoint: String,
 
     /// Shared directory holding every volume (the same path the node plugins use).
-    #[arg(long, env = "HOLDFAST_BACKEND_ROOT")]
-    pub backend_root: PathBuf,
+    // An `Option` only so that a subcommand can lift the requirement at the top level
+    // (`subcommand_negates_reqs`); clap still requires it whenever serving.
+    #[arg(long, env = "HOLDFAST_BACKEND_ROOT", required = true)]
+    pub backend_root: Option<PathBuf>,
 
     /// Log filter: a level (info, debug…) or an EnvFilter directive list.
     #[arg(long, env = "HOLDFAST_LOG_LEVEL", default_value = "info")]
@@ -27,35 +64,150 @@ pub struct Args {
     /// Log line format.
     #[arg(long, env = "HOLDFAST_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
+
+    /// Checked at start (a bad setting stops the controller), not yet used to serve.
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+}
+
+/// Fence a node: free every volume claim it holds, at once.
+///
+/// Writes a fence record for the node, then marks each claim the node holds as fenced
+/// with a new, higher epoch, and prints the claims it freed with their new epochs. From
+/// that moment pods on other nodes may take those volumes without waiting for the
+/// node's session to expire. Fencing an already fenced node is not an error: it fences
+/// any claim still held and reports the node as already fenced.
+///
+/// SAFETY: this command stops nothing on the fenced node. Use it after the node is
+/// confirmed powered off (the job of a fencing agent), or is otherwise known to have
+/// stopped all I/O on its volumes. Fencing a node that is still running is safe only
+/// because that node's plugin stops all I/O on its volumes when it sees the fence in
+/// the lease store, or a higher epoch on the volume's storage, within one renewal
+/// interval (D/3). A running node that can reach neither the store nor the storage
+/// does not see the fence: it may keep writing until its own lease deadline, while a
+/// new holder already writes the same volume. Do not fence a node that may be running
+/// but cut off; power it off first, or wait for its lease to expire on its own.
+#[derive(clap::Args, Debug, Clone)]
+#[command(verbatim_doc_comment)]
+pub struct FenceArgs {
+    /// The node's name as the CO knows it (the node plugin's --node-id).
+    #[arg(long)]
+    pub node: String,
+
+    /// Why, recorded in the fence record for events and logs.
+    #[arg(long, default_value = "fenced with holdfast-controller fence")]
+    pub reason: String,
+
+    /// How to print the result on stdout.
+    #[arg(long, short, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+}
+
+/// Lift a node's fence, so that its plugin may take volumes again.
+///
+/// Claims fenced earlier stay fenced (their holders have lost them); the node's plugin
+/// resumes renewing its session and may acquire volumes anew. Unfencing a node that is
+/// not fenced is not an error.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UnfenceArgs {
+    /// The node's name as the CO knows it.
+    #[arg(long)]
+    pub node: String,
+
+    /// How to print the result on stdout.
+    #[arg(long, short, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+}
+
+/// List volume claims: volume, holder (pod, node, session instance), state, epoch, and
+/// whether the holder's node is fenced.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClaimsArgs {
+    /// Only claims whose holder runs on this node.
+    #[arg(long)]
+    pub node: Option<String>,
+
+    /// How to print the result on stdout.
+    #[arg(long, short, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+}
+
+/// How the admin subcommands print their result on stdout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON document, for scripts and fencing agents.
+    Json,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(argv: &[&str]) -> Result<Command, clap::Error> {
+        let mut all = vec!["holdfast-controller"];
+        all.extend_from_slice(argv);
+        Args::try_parse_from(all).map(Args::into_command)
+    }
+
     #[test]
-    fn flags_parse_with_defaults() {
-        let args = Args::try_parse_from(["holdfast-controller", "--backend-root", "/srv/holdfast"])
-            .unwrap();
+    fn serving_is_the_default_and_serve_an_alias() {
+        let Command::Serve(args) = parse(&["--backend-root", "/srv/holdfast"]).unwrap() else {
+            panic!("no subcommand means serve");
+        };
         assert_eq!(args.endpoint, "unix:///csi/csi.sock");
-        assert_eq!(args.backend_root, PathBuf::from("/srv/holdfast"));
+        assert_eq!(args.backend_root, Some(PathBuf::from("/srv/holdfast")));
         assert_eq!(args.log_level, "info");
         assert_eq!(args.log_format, LogFormat::Json);
-        let args = Args::try_parse_from([
-            "holdfast-controller",
+        let Command::Serve(args) = parse(&[
+            "serve",
             "--backend-root=/b",
             "--endpoint=unix:///tmp/c.sock",
             "--log-format=text",
             "--log-level=debug",
         ])
-        .unwrap();
+        .unwrap() else {
+            panic!("serve subcommand");
+        };
         assert_eq!(args.log_format, LogFormat::Text);
         assert_eq!(args.endpoint, "unix:///tmp/c.sock");
-        assert!(Args::try_parse_from([
-            "holdfast-controller",
-            "--backend-root=/b",
-            "--log-format=xml"
-        ])
-        .is_err());
+        assert!(parse(&["--backend-root=/b", "--log-format=xml"]).is_err());
+        assert!(parse(&[]).is_err(), "--backend-root is required to serve");
+        assert!(
+            parse(&["serve"]).is_err(),
+            "--backend-root is required to serve"
+        );
+    }
+
+    #[test]
+    fn admin_subcommands() {
+        let Command::Fence(args) = parse(&["fence", "--node", "n1"]).unwrap() else {
+            panic!("fence");
+        };
+        assert_eq!(args.node, "n1");
+        assert_eq!(args.output, OutputFormat::Table);
+        assert!(args.reason.contains("holdfast-controller fence"));
+        let Command::Claims(args) = parse(&["claims", "-o", "json"]).unwrap() else {
+            panic!("claims");
+        };
+        assert_eq!(args.node, None);
+        assert_eq!(args.output, OutputFormat::Json);
+        assert!(matches!(
+            parse(&["unfence", "--node", "n1"]),
+            Ok(Command::Unfence(_))
+        ));
+        assert!(parse(&["fence"]).is_err(), "--node is required");
+        // Serve flags belong to serving; they are not accepted with a subcommand.
+        assert!(parse(&["--backend-root=/b", "fence", "--node", "n1"]).is_err());
     }
 }

@@ -1,11 +1,14 @@
 //! holdfast's CSI controller.
 //!
-//! - [`args`]: the command line.
+//! - [`args`]: the command line (serve by default; `fence`, `unfence`, `claims`).
+//! - [`admin`]: the admin verbs against the lease store, and their output.
 //! - [`controller_service`] / [`ControllerService`]: the CSI Controller service over
 //!   the directory [`Backend`] (also served by the node plugin's standalone mode).
 //! - [`ControllerError`]: the crate's errors and their one mapping to gRPC codes.
-//! - [`run`]: what the binary does — serve Identity + Controller until SIGTERM.
+//! - [`run`]: what the binary does — serve Identity + Controller until SIGTERM, or
+//!   run one admin verb and exit.
 
+pub mod admin;
 pub mod args;
 mod convert;
 mod error;
@@ -16,7 +19,12 @@ use std::sync::Arc;
 use holdfast_core::backend::{Backend, BackendError};
 use holdfast_core::csi::identity::{IdentityService, Readiness};
 use holdfast_core::csi::serve::{self, CsiCallLog, Endpoint, EndpointError, ServeError};
-use holdfast_core::logging::{self, LoggingError};
+use holdfast_core::lease::LeaseError;
+use holdfast_core::lease_config::LeaseConfigError;
+use holdfast_core::logging::{self, LogFormat, LoggingError};
+use holdfast_core::store::StoreError;
+
+use crate::args::{Command, ServeArgs};
 
 pub use error::ControllerError;
 pub use service::{controller_service, ControllerService};
@@ -32,14 +40,69 @@ pub enum RunError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error(transparent)]
+    LeaseConfig(#[from] LeaseConfigError),
+    #[error(
+        "--lease-store=memory keeps records inside one process, so `{command}` would not \
+         see the node plugins' claims: use --lease-store=etcd or --lease-store=kubernetes"
+    )]
+    MemoryStore { command: &'static str },
+    #[error("--backend-root is required to serve")]
+    MissingBackendRoot,
+    #[error("--node must not be empty")]
+    EmptyNode,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
+    #[error("cannot encode the output as JSON: {0}")]
+    Json(serde_json::Error),
+}
+
+/// Runs what the command line asks: serve CSI (no subcommand, or `serve`) or one admin
+/// verb, printing its result on stdout.
+pub async fn run(args: args::Args) -> Result<(), RunError> {
+    let mut stdout = std::io::stdout();
+    match args.into_command() {
+        Command::Serve(args) => serve(args).await,
+        Command::Fence(args) => {
+            logging::init("warn", LogFormat::Text)?;
+            admin::check_node(&args.node)?;
+            let store = admin::open_store(&args.lease, "fence").await?;
+            let outcome = admin::fence(store.as_ref(), &args).await?;
+            admin::print_fence(&mut stdout, args.output, &outcome)
+        }
+        Command::Unfence(args) => {
+            logging::init("warn", LogFormat::Text)?;
+            admin::check_node(&args.node)?;
+            let store = admin::open_store(&args.lease, "unfence").await?;
+            let outcome = admin::unfence(store.as_ref(), &args).await?;
+            admin::print_unfence(&mut stdout, args.output, &outcome)
+        }
+        Command::Claims(args) => {
+            logging::init("warn", LogFormat::Text)?;
+            let store = admin::open_store(&args.lease, "claims").await?;
+            let rows = admin::claims(store.as_ref(), &args).await?;
+            admin::print_claims(&mut stdout, args.output, &rows)
+        }
+    }
 }
 
 /// Serves Identity (advertising CONTROLLER_SERVICE) and Controller on the endpoint
 /// until SIGTERM or SIGINT, then removes the socket.
-pub async fn run(args: args::Args) -> Result<(), RunError> {
+pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
     logging::init(&args.log_level, args.log_format)?;
+    // Nothing served here uses the lease store yet, but the chart gives the controller
+    // the same lease settings as the node plugins: a bad one stops it at start rather
+    // than when a later feature first connects.
+    let store = args.lease.store_config()?;
+    let params = args.lease.params()?;
+    tracing::info!(?store, ?params, "lease settings checked");
     let endpoint = Endpoint::parse(&args.endpoint)?;
-    let backend = Arc::new(Backend::open(&args.backend_root)?);
+    let root = args.backend_root.ok_or(RunError::MissingBackendRoot)?;
+    let backend = Arc::new(Backend::open(&root)?);
     tracing::info!(backend_root = %backend.root().display(), "backend opened");
     let readiness = Readiness::new();
     let router = tonic::transport::Server::builder()
