@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use holdfast_core::lease::VolumeGate;
 use holdfast_driver::datapath::{FenceAction, FuseOptions, FuseVolume};
 
-const REPS: usize = 3;
+const REPS: usize = 4;
 const SEQ_MIB: usize = 256;
 const RANDOM_OPS: usize = 1000;
 const RANDOM_FILE: u64 = 64 << 20;
@@ -32,7 +32,12 @@ struct Row {
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 0 {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 fn drop_caches() {
@@ -205,7 +210,13 @@ fn main() {
     ];
     let started = Instant::now();
     for rep in 0..REPS {
-        for (label, mount) in [("bind", bind_target.path()), ("fuse", fuse_target.path())] {
+        // Alternate which mount goes first, so that neither always inherits the other's
+        // leftovers (freed extents, journal state).
+        let mut order = [("bind", bind_target.path()), ("fuse", fuse_target.path())];
+        if rep % 2 == 1 {
+            order.reverse();
+        }
+        for (label, mount) in order {
             let dir = mount.join(format!("{label}-{rep}"));
             fs::create_dir(&dir).unwrap();
             // Each timed workload starts with nothing dirty from the one before.
@@ -250,7 +261,7 @@ fn main() {
 
     println!(
         "\n{:<28} | {:>12} | {:>12} | {:>6}",
-        "op (median of 3)", "bind", "fuse", "ratio"
+        "op (median of 4)", "bind", "fuse", "ratio"
     );
     println!("{:-<28}-+-{:-<12}-+-{:-<12}-+-{:-<6}", "", "", "", "");
     for row in &mut rows {
