@@ -70,7 +70,7 @@ pub struct ServeArgs {
     pub lease: LeaseArgs,
 }
 
-/// Fence a node: free every volume claim it holds, at once.
+/// Fence a node known to be down: free its volume claims at once (see SAFETY in --help).
 ///
 /// Writes a fence record for the node, then marks each claim the node holds as fenced
 /// with a new, higher epoch, and prints the claims it freed with their new epochs. From
@@ -209,5 +209,23 @@ mod tests {
         assert!(parse(&["fence"]).is_err(), "--node is required");
         // Serve flags belong to serving; they are not accepted with a subcommand.
         assert!(parse(&["--backend-root=/b", "fence", "--node", "n1"]).is_err());
+    }
+
+    #[test]
+    fn fence_help_states_the_safety_contract() {
+        use clap::CommandFactory;
+        let mut command = Args::command();
+        let fence = command.find_subcommand_mut("fence").unwrap();
+        let help = fence.render_long_help().to_string();
+        for needle in [
+            "SAFETY",
+            "confirmed powered off",
+            "stops all I/O",
+            "higher epoch on the volume's storage",
+            "within one renewal",
+            "interval (D/3)",
+        ] {
+            assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
+        }
     }
 }

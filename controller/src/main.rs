@@ -10,8 +10,9 @@ async fn main() -> ExitCode {
     match holdfast_controller::run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // One line with every cause, for people and for fencing agents' logs.
-            eprintln!("holdfast-controller: error: {:#}", anyhow::Error::from(err));
+            // One line, for people and for fencing agents' logs. The crate's errors
+            // already include their causes in their messages.
+            eprintln!("holdfast-controller: error: {err}");
             ExitCode::FAILURE
         }
     }
