@@ -159,3 +159,26 @@ impl Cluster {
             .map(|_| ())
     }
 }
+
+impl Cluster {
+    /// Retries NodePublishVolume of `volume` for `pod` on node `k` every 50 ms (as
+    /// kubelet does, faster) until it succeeds or `within` passes; returns the target
+    /// and the time from the call to success, or the last refusal.
+    pub async fn publish_until_ok(
+        &self,
+        k: usize,
+        volume: &Volume,
+        pod: &str,
+        within: Duration,
+    ) -> Result<(PathBuf, Duration), Status> {
+        let target = self.target(k, pod);
+        let start = std::time::Instant::now();
+        loop {
+            match self.publish_at(k, volume, pod, &target, None).await {
+                Ok(()) => return Ok((target, start.elapsed())),
+                Err(status) if start.elapsed() >= within => return Err(status),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}

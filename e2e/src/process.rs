@@ -167,15 +167,39 @@ pub fn supported_flags(program: &std::path::Path, subcommand: Option<&str>) -> V
     let mut cmd = Command::new(program);
     cmd.args(subcommand).arg("--help");
     let out = cmd.output().map(|o| o.stdout).unwrap_or_default();
-    // Only option lines (`  -x, --flag <V>` / `      --flag`): help text may mention
-    // flags that do not exist in this build.
-    String::from_utf8_lossy(&out)
-        .lines()
-        .filter(|line| line.trim_start().starts_with('-'))
+    option_names(&String::from_utf8_lossy(&out))
+}
+
+/// The long option names of a clap help text. Only option lines count
+/// (`  -x, --flag <V>` / `      --flag`): descriptions may mention other flags.
+fn option_names(help: &str) -> Vec<String> {
+    help.lines()
         .filter_map(|line| {
-            line.split(|c: char| c.is_whitespace() || c == ',' || c == '=')
-                .find(|w| w.starts_with("--") && w.len() > 2)
-                .map(str::to_string)
+            let line = line.trim_start();
+            let bytes = line.as_bytes();
+            let short_first = bytes.len() > 4 && bytes[0] == b'-' && bytes[2] == b',';
+            let option = if short_first {
+                line[3..].trim_start()
+            } else {
+                line
+            };
+            option
+                .strip_prefix("--")
+                .and_then(|rest| rest.split([' ', '=', ',']).next())
+                .filter(|name| !name.is_empty())
+                .map(|name| format!("--{name}"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn option_names_ignore_descriptions() {
+        let help = "Options:\n      --node <NODE>\n          Requires --lease-store\n  -o, --output <OUTPUT>\n          - etcd: (--etcd-endpoints, --x)\n      --lease-epsilon=<E>\n  -h, --help\n";
+        assert_eq!(
+            super::option_names(help),
+            ["--node", "--output", "--lease-epsilon", "--help"]
+        );
+    }
 }
