@@ -4,13 +4,15 @@
 //! plugin runs with.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use holdfast_core::csi::serve::{Endpoint, EndpointError};
+use holdfast_core::lease::LeaseParams;
+use holdfast_core::lease_config::{LeaseArgs, LeaseConfigError, LeaseStoreKind};
 pub use holdfast_core::logging::LogFormat;
+use holdfast_core::store::StoreConfig;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ArgsError {
     #[error("--endpoint: {0}")]
     Endpoint(#[from] EndpointError),
@@ -22,24 +24,10 @@ pub enum ArgsError {
     BackendRoot(PathBuf),
     #[error("--state-dir {0:?} must be an absolute path")]
     StateDir(PathBuf),
-    #[error("--lease-margin ({margin:?}) must be shorter than --lease-duration ({duration:?})")]
-    Margin {
-        margin: Duration,
-        duration: Duration,
-    },
+    #[error(transparent)]
+    Lease(#[from] LeaseConfigError),
     #[error("the hostname could not be read for the default --node-id: {0}")]
     Hostname(String),
-}
-
-/// Where claims and sessions are kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LeaseStoreKind {
-    /// In this process only: for --standalone demos and tests.
-    Memory,
-    /// An etcd cluster.
-    Etcd,
-    /// coordination.k8s.io/v1 Lease objects (the in-cluster default).
-    Kubernetes,
 }
 
 /// holdfast node plugin: serves the CSI Identity and Node services on a unix socket and
@@ -67,21 +55,10 @@ pub struct Args {
     #[arg(long, env = "HOLDFAST_STATE_DIR", default_value = "/var/lib/holdfast")]
     pub state_dir: PathBuf,
 
-    /// Where volume claims and node sessions are kept. Default: memory with
-    /// --standalone, kubernetes otherwise.
-    #[arg(long, env = "HOLDFAST_LEASE_STORE", value_enum)]
-    pub lease_store: Option<LeaseStoreKind>,
-
-    /// Session lease duration D: the node renews every D/3; another node may take a
-    /// volume over only after seeing the session unrenewed for longer than D plus the
-    /// margin. Units: ms, s, m (e.g. 500ms, 15s).
-    #[arg(long, env = "HOLDFAST_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
-    pub lease_duration: Duration,
-
-    /// Safety margin: a holder stops all I/O once its last proven renewal is older than
-    /// D minus this margin, and acquirers wait D plus this margin. Must be below D.
-    #[arg(long, env = "HOLDFAST_LEASE_MARGIN", default_value = "5s", value_parser = parse_duration)]
-    pub lease_margin: Duration,
+    /// The lease store and lease timing, shared with the controller. The store defaults
+    /// to memory with --standalone and to kubernetes otherwise.
+    #[command(flatten)]
+    pub lease: LeaseArgs,
 
     /// Log filter (tracing EnvFilter syntax: "info", "holdfast_driver=debug,info").
     #[arg(long, env = "HOLDFAST_LOG_LEVEL", default_value = "info")]
@@ -92,21 +69,20 @@ pub struct Args {
     pub log_format: LogFormat,
 
     /// One-process mode for demos and tests: serves Identity, Controller and Node on the
-    /// one socket, with an in-memory lease store. Not for clusters of more than one node.
+    /// one socket, with an in-memory lease store unless --lease-store says otherwise.
     #[arg(long, env = "HOLDFAST_STANDALONE")]
     pub standalone: bool,
 }
 
 /// The checked configuration the plugin runs with.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub endpoint: Endpoint,
     pub node_id: String,
     pub backend_root: PathBuf,
     pub state_dir: PathBuf,
-    pub lease_store: LeaseStoreKind,
-    pub lease_duration: Duration,
-    pub lease_margin: Duration,
+    pub store: StoreConfig,
+    pub lease_params: LeaseParams,
     pub log_level: String,
     pub log_format: LogFormat,
     pub standalone: bool,
@@ -135,12 +111,6 @@ impl Args {
         if !self.state_dir.is_absolute() {
             return Err(ArgsError::StateDir(self.state_dir));
         }
-        if self.lease_margin >= self.lease_duration {
-            return Err(ArgsError::Margin {
-                margin: self.lease_margin,
-                duration: self.lease_duration,
-            });
-        }
         let default_store = if self.standalone {
             LeaseStoreKind::Memory
         } else {
@@ -151,36 +121,13 @@ impl Args {
             node_id,
             backend_root: self.backend_root,
             state_dir: self.state_dir,
-            lease_store: self.lease_store.unwrap_or(default_store),
-            lease_duration: self.lease_duration,
-            lease_margin: self.lease_margin,
+            store: self.lease.store_config_or(default_store)?,
+            lease_params: self.lease.params()?,
             log_level: self.log_level,
             log_format: self.log_format,
             standalone: self.standalone,
         })
     }
-}
-
-/// `250ms`, `15s`, `2m`; a bare number is seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?}: expected a number followed by ms, s or m"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
-    };
-    if !seconds.is_finite() || seconds <= 0.0 {
-        return Err(format!("{text:?}: must be positive"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[cfg(test)]
@@ -205,8 +152,11 @@ mod tests {
             std::path::Path::new("/csi/csi.sock")
         );
         assert_eq!(config.state_dir, PathBuf::from("/var/lib/holdfast"));
-        assert_eq!(config.lease_store, LeaseStoreKind::Kubernetes);
-        assert_eq!(config.lease_duration, Duration::from_secs(15));
+        assert!(matches!(config.store, StoreConfig::Kubernetes { .. }));
+        assert_eq!(
+            config.lease_params.duration,
+            std::time::Duration::from_secs(15)
+        );
         assert!(!config.standalone);
     }
 
@@ -231,7 +181,18 @@ mod tests {
             .resolve(None, || Ok("box".into()))
             .unwrap();
         assert_eq!(config.node_id, "box");
-        assert_eq!(config.lease_store, LeaseStoreKind::Memory);
+        assert_eq!(config.store, StoreConfig::Memory);
+        // Standalone may share a real store with other processes.
+        let config = args(&[
+            "--standalone",
+            "--lease-store",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379",
+        ])
+        .resolve(None, || Ok("box".into()))
+        .unwrap();
+        assert!(matches!(config.store, StoreConfig::Etcd { .. }));
     }
 
     #[test]
@@ -250,7 +211,11 @@ mod tests {
         ])
         .resolve(None, no_host)
         .unwrap_err();
-        assert!(matches!(err, ArgsError::Margin { .. }));
+        assert!(matches!(err, ArgsError::Lease(_)), "{err:?}");
+        let err = args(&["--node-id", "n", "--lease-store", "etcd"])
+            .resolve(None, no_host)
+            .unwrap_err();
+        assert!(matches!(err, ArgsError::Lease(_)), "{err:?}");
         assert!(Args::try_parse_from(["holdfast-driver", "--node-id", "n"]).is_err());
         assert!(Args::try_parse_from([
             "holdfast-driver",
@@ -266,16 +231,5 @@ mod tests {
                 .unwrap_err(),
             ArgsError::EmptyNodeId
         );
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5h").is_err());
-        assert!(parse_duration("s").is_err());
     }
 }

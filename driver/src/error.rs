@@ -8,10 +8,15 @@
 
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use holdfast_core::backend::BackendError;
+use holdfast_core::lease::{Epoch, LeaseError};
+use holdfast_core::store::StoreError;
 use tonic::Status;
 
 use crate::datapath::DataPathError;
+use crate::epoch_file::EpochFileError;
 use crate::mount::MountError;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +58,93 @@ pub enum NodeError {
     },
     #[error("internal task failed: {0}")]
     Task(String),
+    /// An exclusive volume was published without the pod's UID in volume_context.
+    #[error(
+        "volume {volume} is exclusive and NodePublishVolume carries no {key} in volume_context: \
+         podInfoOnMount must be enabled on the CSIDriver object (spec.podInfoOnMount: true)"
+    )]
+    MissingPodUid { volume: String, key: &'static str },
+    /// volume_context disagrees with the parameters the volume was created with.
+    #[error("volume_context {key}={given:?} does not match the volume's {key}={stored:?}")]
+    ContextMismatch {
+        key: String,
+        given: String,
+        stored: String,
+    },
+    /// Another pod holds the volume's claim.
+    #[error("volume {volume} is held by pod {pod_uid} on node {node}; {until}")]
+    Held {
+        volume: String,
+        pod_uid: String,
+        node: String,
+        until: String,
+    },
+    /// The lease store could not be reached (or this node's session is not live).
+    #[error("volume {volume}: cannot take its claim now: {reason}")]
+    LeaseUnavailable { volume: String, reason: String },
+    /// This node is fenced: it may not take claims.
+    #[error("volume {volume}: {reason}")]
+    NodeFenced { volume: String, reason: String },
+    #[error("volume {volume}: {source}")]
+    Lease {
+        volume: String,
+        #[source]
+        source: LeaseError,
+    },
+    /// A higher epoch than the one just granted is on the storage.
+    #[error(
+        "volume {volume}: the storage shows epoch {found}, newer than this grant's {ours}: \
+         another holder took the volume; claim given up"
+    )]
+    EpochSuperseded {
+        volume: String,
+        ours: Epoch,
+        found: Epoch,
+    },
+    #[error("volume fencing epoch: {0}")]
+    EpochFile(#[from] EpochFileError),
+    /// The pod's data path on this node was fenced; it must be unpublished first.
+    #[error(
+        "volume {volume} is fenced on this node ({problem}); unpublish it and restart the pod"
+    )]
+    Fenced { volume: String, problem: String },
+}
+
+fn expiry_words(expires_in: Option<Duration>) -> String {
+    match expires_in {
+        Some(d) => format!(
+            "its lease can expire in {:.1}s if its node stops renewing it",
+            d.as_secs_f64()
+        ),
+        None => "it keeps the volume until it releases it or its node is fenced".to_string(),
+    }
+}
+
+impl NodeError {
+    /// The one translation of lease errors into the node's terms.
+    pub fn from_lease(volume: &str, e: LeaseError) -> NodeError {
+        let volume = volume.to_string();
+        match e {
+            LeaseError::Held { holder, expires_in } => NodeError::Held {
+                volume,
+                pod_uid: holder.pod_uid,
+                node: holder.node,
+                until: expiry_words(expires_in),
+            },
+            LeaseError::Store(StoreError::Unavailable(reason)) => {
+                NodeError::LeaseUnavailable { volume, reason }
+            }
+            e @ LeaseError::SessionNotLive { .. } => NodeError::LeaseUnavailable {
+                volume,
+                reason: format!("{e} (this node cannot prove its session renewed)"),
+            },
+            e @ LeaseError::NodeFenced { .. } => NodeError::NodeFenced {
+                volume,
+                reason: e.to_string(),
+            },
+            source => NodeError::Lease { volume, source },
+        }
+    }
 }
 
 impl NodeError {
@@ -89,12 +181,26 @@ impl From<NodeError> for Status {
             | NodeError::TargetParentMissing(_)
             | NodeError::TargetNotDirectory(_)
             | NodeError::TargetShowsOtherVolume { .. }
-            | NodeError::Mount(MountError::Busy { .. }) => Status::failed_precondition(message),
-            NodeError::VolumeContext(_) => Status::invalid_argument(message),
+            | NodeError::Mount(MountError::Busy { .. })
+            | NodeError::MissingPodUid { .. }
+            | NodeError::Held { .. }
+            | NodeError::NodeFenced { .. }
+            | NodeError::EpochSuperseded { .. }
+            | NodeError::Fenced { .. } => Status::failed_precondition(message),
+            NodeError::LeaseUnavailable { .. } => Status::unavailable(message),
+            NodeError::Lease {
+                source: LeaseError::Contended { .. },
+                ..
+            } => Status::aborted(message),
+            NodeError::VolumeContext(_) | NodeError::ContextMismatch { .. } => {
+                Status::invalid_argument(message)
+            }
             NodeError::Mount(_)
             | NodeError::DataPath(_)
             | NodeError::Backend(_)
             | NodeError::Io { .. }
+            | NodeError::Lease { .. }
+            | NodeError::EpochFile(_)
             | NodeError::Task(_) => Status::internal(message),
         }
     }

@@ -9,11 +9,19 @@
 //!   and its one mapping to gRPC statuses.
 //! - [`datapath`]: the fenced FUSE data path; [`fuse_targets`]: the node-local record
 //!   of which volume each FUSE target shows.
+//! - [`claims`]: the claims this node holds and their gates; [`epoch_file`]: the
+//!   fencing epoch on the volume's storage; [`enforcer`]: the task that fences gates
+//!   (higher epoch on storage, claim lost, node fenced); [`holders`]: finding and
+//!   killing the processes that use a fenced bind volume.
 
 pub mod args;
+pub mod claims;
 pub mod datapath;
+pub mod enforcer;
+pub mod epoch_file;
 pub mod error;
 pub mod fuse_targets;
+pub mod holders;
 pub mod mount;
 pub mod node;
 pub mod plugin;

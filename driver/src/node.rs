@@ -8,9 +8,12 @@
 //! advertised, so NodeStage/NodeUnstage (and expansion, which needs nothing on the
 //! node) are `UNIMPLEMENTED`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use holdfast_core::backend::{Backend, VolumeId};
+use holdfast_core::backend::{OnConflict, VolumeId, VolumeMeta, VolumeParams};
+use holdfast_core::clock::Mono;
 use holdfast_core::csi::v1::node_server::{Node, NodeServer};
 use holdfast_core::csi::v1::{
     node_service_capability, volume_capability, volume_usage, NodeExpandVolumeRequest,
@@ -22,33 +25,53 @@ use holdfast_core::csi::v1::{
     VolumeCondition, VolumeUsage,
 };
 use holdfast_core::csi::validate;
+use holdfast_core::lease::VolumeGate;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use crate::claims::{ClaimBook, ClaimRequest};
 use crate::error::NodeError;
-use crate::published::PublishedTable;
+use crate::published::{DataPathKind, PublishedTable};
 use crate::publisher::{PublishPlan, Publisher, TargetUsage};
+
+/// Where kubelet puts the pod's UID when the CSIDriver has `podInfoOnMount: true`.
+pub const POD_UID_KEY: &str = "csi.storage.k8s.io/pod.uid";
+/// onConflict=wait without a gRPC deadline waits this long.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// onConflict=wait never waits longer than this, whatever the deadline.
+pub const MAX_WAIT: Duration = Duration::from_secs(120);
 
 pub struct NodeService {
     node_id: String,
     publisher: Arc<Publisher>,
+    claims: Arc<ClaimBook>,
 }
 
 impl NodeService {
-    /// A Node service for `node_id` over `backend`, with the published table rebuilt
-    /// from the current mount table (and the FUSE record in `state_dir`).
-    pub fn new(
-        node_id: String,
-        backend: Arc<Backend>,
-        state_dir: &std::path::Path,
-    ) -> Result<NodeService, NodeError> {
-        Ok(NodeService {
+    /// A Node service for `node_id`: `publisher` makes and removes mounts, `claims`
+    /// holds this node's session and the claims taken on publish.
+    pub fn new(node_id: String, publisher: Arc<Publisher>, claims: Arc<ClaimBook>) -> NodeService {
+        NodeService {
             node_id,
-            publisher: Arc::new(Publisher::new(backend, state_dir)?),
-        })
+            publisher,
+            claims,
+        }
     }
 
     pub fn into_server(self) -> NodeServer<Self> {
         NodeServer::new(self)
+    }
+
+    async fn volume_meta(&self, volume: &VolumeId) -> Result<VolumeMeta, Status> {
+        let publisher = self.publisher.clone();
+        let volume = volume.clone();
+        blocking(move || {
+            publisher
+                .backend()
+                .volume(&volume)?
+                .ok_or_else(|| NodeError::VolumeNotFound(volume.to_string()))
+        })
+        .await
     }
 
     /// A copy of the published-target table.
@@ -169,6 +192,71 @@ fn validate_publish(req: &NodePublishVolumeRequest) -> Result<PublishPlan, Statu
     })
 }
 
+/// The volume context may repeat the volume's own parameters (the controller returns
+/// them as volume_context) but never contradict them: the metadata written at
+/// CreateVolume is what holds, so that no request can turn locking off.
+fn check_context(
+    params: &VolumeParams,
+    context: &HashMap<String, String>,
+) -> Result<(), NodeError> {
+    for (key, stored) in params.to_context() {
+        if let Some(given) = context.get(&key) {
+            if *given != stored {
+                return Err(NodeError::ContextMismatch {
+                    key,
+                    given: given.clone(),
+                    stored,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The pod's UID. Missing is FAILED_PRECONDITION, not INVALID_ARGUMENT: the request is
+/// valid CSI (volume_context is optional); what is wrong is the cluster's setup — the
+/// CSIDriver object must ask kubelet for pod info — and the message says how to fix it.
+fn pod_uid(volume: &str, context: &HashMap<String, String>) -> Result<String, NodeError> {
+    match context
+        .get(POD_UID_KEY)
+        .filter(|uid| !uid.trim().is_empty())
+    {
+        Some(uid) => Ok(uid.clone()),
+        None => Err(NodeError::MissingPodUid {
+            volume: volume.to_string(),
+            key: POD_UID_KEY,
+        }),
+    }
+}
+
+/// The call's remaining deadline from its `grpc-timeout` header (`<digits><unit>`).
+pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// How long onConflict=wait may wait: the call's remaining deadline less some slack to
+/// mount and answer in time, capped; [`DEFAULT_WAIT`] without a deadline.
+pub fn wait_budget(remaining: Option<Duration>) -> Duration {
+    match remaining {
+        None => DEFAULT_WAIT,
+        Some(left) => {
+            let slack = (left / 5).min(Duration::from_secs(2));
+            left.saturating_sub(slack).min(MAX_WAIT)
+        }
+    }
+}
+
 fn rpc_capability(kind: node_service_capability::rpc::Type) -> NodeServiceCapability {
     NodeServiceCapability {
         r#type: Some(node_service_capability::Type::Rpc(
@@ -185,10 +273,54 @@ impl Node for NodeService {
         &self,
         request: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
-        let plan = validate_publish(request.get_ref())?;
-        let _guard = self.publisher.locks.lock(plan.volume.as_str()).await;
+        let budget = wait_budget(grpc_timeout(request.metadata()));
+        let req = request.get_ref();
+        let plan = validate_publish(req)?;
+        let id = plan.volume.as_str().to_string();
+        let _guard = self.publisher.locks.lock(&id).await;
+        let meta = self.volume_meta(&plan.volume).await?;
+        check_context(&meta.params, &req.volume_context)?;
+        let (gate, claim_taken) = if meta.params.exclusive {
+            let pod_uid = pod_uid(&id, &req.volume_context)?;
+            let wait_until = match meta.params.on_conflict {
+                OnConflict::Fail => None,
+                OnConflict::Wait => Some(Mono::now() + budget),
+            };
+            let publisher = self.publisher.clone();
+            let volume = plan.volume.clone();
+            let (epoch_file, data_dir) = blocking(move || {
+                let backend = publisher.backend();
+                Ok((backend.epoch_file(&volume)?, backend.data_dir(&volume)?))
+            })
+            .await?;
+            let kind = match meta.params.data_path {
+                holdfast_core::backend::DataPath::Bind => DataPathKind::Bind,
+                holdfast_core::backend::DataPath::Fuse => DataPathKind::Fuse,
+            };
+            let (claim, taken) = self
+                .claims
+                .acquire(ClaimRequest {
+                    volume_id: id.clone(),
+                    pod_uid,
+                    wait_until,
+                    kind,
+                    epoch_file,
+                    data_dir,
+                })
+                .await
+                .map_err(Status::from)?;
+            (claim.gate.clone(), taken)
+        } else {
+            (VolumeGate::unclaimed(), false)
+        };
         let publisher = self.publisher.clone();
-        blocking(move || publisher.publish(&plan)).await?;
+        let result = blocking(move || publisher.publish(&plan, gate)).await;
+        // A claim this call took is given back if nothing of the volume got mounted; one
+        // the pod already held for another target stays with that target.
+        if result.is_err() && claim_taken && self.publisher.table().targets(&id).is_empty() {
+            self.claims.release(&id).await;
+        }
+        result?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
@@ -202,7 +334,14 @@ impl Node for NodeService {
             validate::require_absolute_path("target_path", &req.target_path)?.to_path_buf();
         let _guard = self.publisher.locks.lock(&volume).await;
         let publisher = self.publisher.clone();
-        blocking(move || publisher.unpublish(&volume, &target)).await?;
+        let id = volume.clone();
+        blocking(move || publisher.unpublish(&id, &target)).await?;
+        // Unmounted first, released after: once no target of the volume is left on this
+        // node, no I/O of this node can reach it. A store that cannot be reached does not
+        // fail the call (the release is queued and retried).
+        if self.publisher.table().targets(&volume).is_empty() {
+            self.claims.release(&volume).await;
+        }
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
@@ -216,7 +355,12 @@ impl Node for NodeService {
         // the volume (relative ones included) is NOT_FOUND.
         let path = std::path::PathBuf::from(validate::require("volume_path", &req.volume_path)?);
         let publisher = self.publisher.clone();
-        let usage = blocking(move || publisher.usage(&volume, &path)).await?;
+        let id = volume.clone();
+        let mut usage = blocking(move || publisher.usage(&id, &path)).await?;
+        // A stopped gate is the first thing to report: the pod's I/O fails because of it.
+        if let Some(problem) = self.claims.get(&volume).and_then(|c| c.problem()) {
+            usage.problem = Some(problem);
+        }
         Ok(Response::new(stats_response(usage)))
     }
 

@@ -15,8 +15,13 @@ use holdfast_core::csi::v1::{
 };
 use tonic::Request;
 
-use super::NodeService;
+use holdfast_core::lease::{LeaseParams, NodeIdentity, SessionLease};
+use holdfast_core::store::MemoryStore;
+
+use super::{NodeService, POD_UID_KEY};
+use crate::claims::ClaimBook;
 use crate::mount::{self, DetachPolicy, MountTable};
+use crate::publisher::Publisher;
 
 fn bind_volume(backend: &Backend, name: &str) -> String {
     let spec = VolumeSpec {
@@ -46,8 +51,23 @@ fn publish(volume_id: &str, target: &std::path::Path) -> NodePublishVolumeReques
             }),
             access_type: Some(AccessType::Mount(MountVolume::default())),
         }),
+        volume_context: [(POD_UID_KEY.to_string(), "pod-a".to_string())].into(),
         ..Default::default()
     }
+}
+
+async fn service(backend: Arc<Backend>, state_dir: &std::path::Path) -> NodeService {
+    let publisher = Arc::new(Publisher::new(backend, state_dir).unwrap());
+    let session = SessionLease::start(
+        Arc::new(MemoryStore::new()),
+        NodeIdentity::of_this_machine("n1").unwrap(),
+        LeaseParams::default(),
+        state_dir,
+    )
+    .await
+    .unwrap();
+    let (book, _queue) = ClaimBook::new(Arc::new(session));
+    NodeService::new("n1".into(), publisher, book)
 }
 
 fn is_mounted(target: &std::path::Path) -> bool {
@@ -63,7 +83,7 @@ async fn publish_and_unpublish_wait_for_the_volume_lock() {
     let id = bind_volume(&backend, "locked");
     let target = base.join("target");
     let _cleanup = UnmountOnDrop(target.clone());
-    let service = Arc::new(NodeService::new("n1".into(), backend, &base).unwrap());
+    let service = Arc::new(service(backend, &base).await);
 
     let held = service.publisher.locks.lock(&id).await;
     let call = {

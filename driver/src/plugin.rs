@@ -9,22 +9,49 @@
 //! one plugin to report the same capabilities, and the holdfast controller (a separate
 //! Deployment in a cluster) does serve it.
 //!
+//! At start the node's lease session begins ([`SessionLease::start_with`], which takes
+//! the node-local flock and frees or adopts the claims of predecessors proven dead);
+//! without it the plugin refuses to serve. The enforcement task ([`crate::enforcer`])
+//! and the queue of releases to retry run beside the gRPC server.
+//!
 //! On stop the socket is removed; published mounts stay where they are, because kubelet
-//! owns them and a restarted plugin takes them over from the mount table.
+//! owns them and a restarted plugin takes them over from the mount table. What that
+//! means for the session is argued at the end of [`run_config`].
+//!
+//! After a crash (SIGKILL) the next instance on this node:
+//! - rebuilds the table of targets from the mount table and the FUSE record;
+//! - proves the dead instance gone by its flock, then releases its FUSE claims (their
+//!   data path died with it: every operation on those targets fails with ENOTCONN) and
+//!   adopts its bind claims at a new epoch, written to the storage, each with a gate;
+//! - keeps the dead FUSE targets mounted and dead rather than unmounting them (an
+//!   unmount would let the pod write into the bare target directory on the node's disk):
+//!   NodeGetVolumeStats reports them abnormal, NodeUnpublishVolume removes them, and a
+//!   republish of the same target replaces the dead mount after taking the claim again.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use holdfast_core::backend::{Backend, BackendError};
+use holdfast_core::backend::{Backend, BackendError, VolumeId};
 use holdfast_core::csi::identity::{IdentityService, Readiness};
 use holdfast_core::csi::serve::{self, CsiCallLog, ServeError};
+use holdfast_core::lease::recovery::DataPathSurvives;
+use holdfast_core::lease::{
+    DataPaths, FenceCause, LeaseError, NodeIdentity, RecoveryReport, SessionLease, SessionOptions,
+};
 use holdfast_core::logging::{self, LoggingError};
-use holdfast_core::store::MemoryStore;
+use holdfast_core::store::{self, StoreError};
+use tokio::sync::watch;
 use tonic::transport::Server;
 
-use crate::args::{Args, ArgsError, Config, LeaseStoreKind};
+use crate::args::{Args, ArgsError, Config};
+use crate::claims::{self, ClaimBook};
+use crate::enforcer;
+use crate::epoch_file::{self, EpochWrite};
 use crate::error::NodeError;
 use crate::node::NodeService;
+use crate::published::DataPathKind;
+use crate::publisher::Publisher;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -41,8 +68,11 @@ pub enum RunError {
     Backend(#[from] BackendError),
     #[error("node service: {0}")]
     Node(#[from] NodeError),
-    #[error("--standalone runs the memory lease store only, not --lease-store {0}")]
-    LeaseStoreUnavailable(String),
+    #[error("cannot open the lease store: {0}")]
+    Store(#[from] StoreError),
+    /// Without a session no claim can be taken or proven: the plugin refuses to serve.
+    #[error("cannot start this node's lease session (is the lease store reachable?): {0}")]
+    Session(#[source] LeaseError),
     #[error(transparent)]
     Serve(#[from] ServeError),
 }
@@ -67,19 +97,45 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     let backend = Arc::new(Backend::open(&config.backend_root)?);
     // Makes this node known to the controller (ControllerPublishVolume refuses others).
     backend.register_node(&config.node_id)?;
-    // Claims are not taken on publish yet; the store is built here so the process
-    // holds it for its whole life once they are. Standalone runs only the memory store.
-    let _lease_store = match (config.standalone, config.lease_store) {
-        (_, LeaseStoreKind::Memory) => Some(Arc::new(MemoryStore::new())),
-        (true, other) => {
-            let name = clap::ValueEnum::to_possible_value(&other)
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default();
-            return Err(RunError::LeaseStoreUnavailable(name));
-        }
-        (false, _) => None,
-    };
-    let node = NodeService::new(config.node_id.clone(), backend.clone(), &config.state_dir)?;
+    // The table first: it says which of a dead predecessor's claims still have a live
+    // data path on this node (its bind mounts, kept by kubelet), which recovery must
+    // adopt rather than release. Its FUSE targets died with it.
+    let publisher = Arc::new(Publisher::new(backend.clone(), &config.state_dir)?);
+    let surviving: BTreeSet<String> = publisher
+        .table()
+        .entries()
+        .filter(|(_, _, how)| how.kind == DataPathKind::Bind)
+        .map(|(volume, _, _)| volume.to_string())
+        .collect();
+    let survives: DataPathSurvives = Arc::new(move |claim| surviving.contains(&claim.volume_id));
+    let lease_store = store::connect(config.store.clone()).await?;
+    let identity = NodeIdentity::of_this_machine(&config.node_id).map_err(RunError::Session)?;
+    let session = SessionLease::start_with(
+        lease_store,
+        identity,
+        config.lease_params,
+        &config.state_dir,
+        SessionOptions {
+            data_path_survives: Some(survives),
+        },
+    )
+    .await
+    .map_err(RunError::Session)?;
+    let session = Arc::new(session);
+    log_recovery(session.recovery());
+    let (book, release_queue) = ClaimBook::new(session.clone());
+    adopt_bind_claims(&book, &publisher, session.recovery()).await;
+
+    let (stop_enforcer, stopped) = watch::channel(false);
+    let enforcer_task = tokio::spawn(enforcer::run(
+        book.clone(),
+        publisher.clone(),
+        config.lease_params.renew_interval(),
+        stopped,
+    ));
+    let retry_task = tokio::spawn(claims::run_release_retries(session.clone(), release_queue));
+
+    let node = NodeService::new(config.node_id.clone(), publisher.clone(), book.clone());
     let readiness = Readiness::new();
     let identity = IdentityService::new(true, readiness.clone());
 
@@ -87,7 +143,8 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
         node_id = %config.node_id,
         backend_root = %backend.root().display(),
         standalone = config.standalone,
-        lease_store = ?config.lease_store,
+        lease_store = session.client().store().kind(),
+        session = %session.key().instance,
         "starting holdfast node plugin"
     );
     let router = Server::builder()
@@ -102,8 +159,105 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
         router
     };
     readiness.set(true);
-    serve::serve_unix(&config.endpoint, router, serve::shutdown_signal()).await?;
+    let served = serve::serve_unix(&config.endpoint, router, serve::shutdown_signal()).await;
+
+    // Stopping, in this order. The gRPC server is down first (serve_unix has returned),
+    // so no publish can take a claim while the session ends. Then the tasks that use
+    // the session stop.
+    let _ = stop_enforcer.send(true);
+    let _ = enforcer_task.await;
+    retry_task.abort();
+    let _ = retry_task.await;
+    drop(book);
+    // Then the session: renewal stops and every gate closes. Its record — and with it
+    // every claim of this node — is deleted only if no target is mounted any more.
+    // Kubelet owns the targets and keeps them across a plugin restart: bind mounts stay
+    // fully live after this process exits, and a FUSE worker may be inside one last
+    // syscall right now. Deleting the record would let another node take those volumes
+    // at once while this node may still write them. Kept, the claims end either by
+    // expiry (D·(1+ε)+margin, never unsafe) or, much sooner, when this node's next
+    // plugin instance proves this one dead by its flock, releases the FUSE claims (their
+    // data path died with this process) and adopts the bind ones.
+    let data_paths = if publisher.table().is_empty() {
+        DataPaths::Stopped
+    } else {
+        DataPaths::MayBeLive
+    };
+    match Arc::try_unwrap(session) {
+        Ok(session) => {
+            if let Err(e) = session.shutdown(data_paths).await {
+                tracing::warn!(error = %e, "session shutdown incomplete; its record expires by timeout");
+            }
+        }
+        // Still shared: dropping it stops renewal and keeps the record (same as MayBeLive).
+        Err(_) => tracing::warn!("session still in use at exit; its record expires by timeout"),
+    }
+    tracing::info!(?data_paths, "node plugin stopped");
+    served?;
     Ok(())
+}
+
+fn log_recovery(report: &RecoveryReport) {
+    for (key, proof) in &report.dead {
+        tracing::info!(instance = %key.instance, ?proof, "predecessor proven dead");
+    }
+    for key in &report.alive {
+        tracing::info!(instance = %key.instance, "predecessor may be alive; its claims are left to it or to expiry");
+    }
+    for (volume, epoch) in &report.released {
+        tracing::info!(
+            volume,
+            epoch,
+            "released a dead predecessor's claim (its data path died with it)"
+        );
+    }
+}
+
+/// Takes over the bind volumes a dead predecessor published: recovery re-homed their
+/// claims onto this session at a new epoch; that epoch goes onto the storage and the
+/// claim gets a gate, so the enforcer watches it (and kills its users if it is ever
+/// fenced) exactly like one published by this instance.
+async fn adopt_bind_claims(book: &ClaimBook, publisher: &Publisher, report: &RecoveryReport) {
+    for record in &report.adopted {
+        let volume_id = record.volume_id.clone();
+        let paths = VolumeId::parse(&volume_id)
+            .map_err(NodeError::from)
+            .and_then(|id| {
+                let backend = publisher.backend();
+                Ok((backend.epoch_file(&id)?, backend.data_dir(&id)?))
+            });
+        let (epoch_file, data_dir) = match paths {
+            Ok(paths) => paths,
+            Err(e) => {
+                tracing::error!(volume = %volume_id, error = %e, "adopted claim of an unreadable volume; releasing it");
+                let _ = book.session().release(&volume_id, record.epoch).await;
+                continue;
+            }
+        };
+        let claim = book.adopt(book.claimed(
+            &volume_id,
+            &record.holder.pod_uid,
+            record.epoch,
+            DataPathKind::Bind,
+            epoch_file.clone(),
+            data_dir,
+        ));
+        let epoch = record.epoch;
+        let written =
+            tokio::task::spawn_blocking(move || epoch_file::write_epoch(&epoch_file, epoch)).await;
+        match written {
+            Ok(Ok(EpochWrite::Written)) => {
+                tracing::info!(volume = %volume_id, epoch, "adopted a dead predecessor's bind volume")
+            }
+            Ok(Ok(EpochWrite::Higher(found))) => claim.fence(
+                FenceCause::EpochSuperseded,
+                format!("fenced: a newer holder wrote epoch {found} on storage (this pod held epoch {epoch})"),
+            ),
+            // The enforcer's next read of the file decides; the store channel still holds.
+            Ok(Err(e)) => tracing::warn!(volume = %volume_id, error = %e, "cannot write the adopted epoch"),
+            Err(e) => tracing::warn!(volume = %volume_id, error = %e, "epoch write task failed"),
+        }
+    }
 }
 
 /// The kernel's hostname: the default node id of `--standalone`.

@@ -126,9 +126,14 @@ impl Publisher {
         self.fuse.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
     /// Makes the target show the volume, or confirms it already does (idempotent).
-    /// Call with the volume's lock held.
-    pub fn publish(&self, plan: &PublishPlan) -> Result<(), NodeError> {
+    /// A FUSE target is served behind `gate` (the claim's, or an open one for a volume
+    /// without a claim). Call with the volume's lock held.
+    pub fn publish(&self, plan: &PublishPlan, gate: VolumeGate) -> Result<(), NodeError> {
         let id = plan.volume.as_str();
         let meta = self
             .backend
@@ -147,7 +152,7 @@ impl Publisher {
             FenceAction::Error => datapath::FenceAction::Error,
             FenceAction::Freeze => datapath::FenceAction::Freeze,
         };
-        let result = self.publish_at(plan, kind, fence_action, &data_path, target.clone());
+        let result = self.publish_at(plan, kind, fence_action, &data_path, target.clone(), gate);
         if result.is_err() && created {
             // Leave nothing behind that this call made: nothing is mounted on the new
             // directory (a failed mount is undone), so it is empty.
@@ -163,6 +168,7 @@ impl Publisher {
         fence_action: datapath::FenceAction,
         data_path: &Path,
         target: PathBuf,
+        gate: VolumeGate,
     ) -> Result<(), NodeError> {
         let id = plan.volume.as_str();
         let table = MountTable::read()?;
@@ -191,9 +197,7 @@ impl Publisher {
                     read_only: plan.readonly,
                     ..FuseOptions::new(fence_action)
                 };
-                // No claims are taken yet, so the gate stays open; the lease client
-                // will hand the claim's gate in here.
-                let volume = datapath::mount(data_path, &target, VolumeGate::unclaimed(), opts)?;
+                let volume = datapath::mount(data_path, &target, gate, opts)?;
                 if let Err(e) = check_read_only(&target, plan.readonly) {
                     let _ = volume.unmount();
                     return Err(e);

@@ -16,9 +16,15 @@
 //! - [`Plugin::logs`] — everything the plugin wrote to stdout/stderr so far.
 //! - [`Plugin::data_dir`] — the backing directory a volume's targets show.
 //!
+//! [`Plugin::start_with`] takes [`PluginOptions`]: node id, a shared backend root,
+//! extra flags ([`PluginOptions::node_on_etcd`]: a node-only plugin on a real etcd with
+//! a short lease), so that several plugins can share one store and one root.
+//!
 //! [`fixture`] starts a plugin and returns it with a channel and a Node client.
 //! Request helpers: [`create_volume`] (through the Controller, with a `dataPath`),
-//! [`publish_request`], [`unpublish_request`], [`mount_capability`]; and [`mounts_at`],
+//! [`create_volume_in`] (straight into a backend root), [`publish_request`] (for the
+//! pod [`POD_UID`]), [`publish_for`] (for any pod), [`unpublish_request`],
+//! [`mount_capability`]; and [`mounts_at`],
 //! an independent reading of `/proc/self/mountinfo` for one mount point.
 //!
 //! Layout under `plugin.tmp`: `csi.sock`, `backend/` (`plugin.root`), `state/`,
@@ -50,6 +56,46 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The node id every harness plugin uses.
 pub const NODE_ID: &str = "harness-node";
 
+/// The pod UID [`publish_request`] names (exclusive volumes need one).
+pub const POD_UID: &str = "pod-harness-0001";
+/// Where kubelet puts the pod UID in volume_context.
+pub const POD_UID_KEY: &str = "csi.storage.k8s.io/pod.uid";
+
+/// How to start a plugin (see [`Plugin::start_with`]).
+#[derive(Clone, Debug)]
+pub struct PluginOptions {
+    pub standalone: bool,
+    pub node_id: String,
+    /// Share this backend root (another plugin's `root`) instead of a fresh one.
+    pub root: Option<PathBuf>,
+    pub extra_args: Vec<String>,
+}
+
+impl PluginOptions {
+    /// A node-only plugin named `node_id` on the lease store at `etcd_endpoints`, with
+    /// a short lease (D = 1.5 s, margin 0.5 s: renewals every 0.5 s).
+    pub fn node_on_etcd(node_id: &str, etcd_endpoints: &str, root: Option<PathBuf>) -> Self {
+        PluginOptions {
+            standalone: false,
+            node_id: node_id.to_string(),
+            root,
+            extra_args: [
+                "--lease-store",
+                "etcd",
+                "--etcd-endpoints",
+                etcd_endpoints,
+                "--lease-duration",
+                "1500ms",
+                "--lease-margin",
+                "500ms",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        }
+    }
+}
+
 pub struct Plugin {
     /// The CSI socket path.
     pub socket: PathBuf,
@@ -61,6 +107,7 @@ pub struct Plugin {
     pub tmp: tempfile::TempDir,
     extra_args: Vec<String>,
     standalone: bool,
+    node_id: String,
     child: Option<Child>,
     next_target: AtomicU64,
 }
@@ -83,13 +130,25 @@ impl Plugin {
     }
 
     async fn start(standalone: bool, extra_args: &[&str]) -> Plugin {
+        Self::start_with(PluginOptions {
+            standalone,
+            node_id: NODE_ID.to_string(),
+            root: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        })
+        .await
+    }
+
+    /// Starts a plugin as `options` say, in a new temp dir (its own state dir and
+    /// targets; the backend root is shared if `options.root` names one).
+    pub async fn start_with(options: PluginOptions) -> Plugin {
         let tmp = tempfile::Builder::new()
             .prefix("holdfast-driver-test-")
             .tempdir()
             .expect("create temp dir");
         // Canonical, so paths compare equal to the ones in the mount table.
         let base = tmp.path().canonicalize().expect("canonicalize temp dir");
-        let root = base.join("backend");
+        let root = options.root.clone().unwrap_or_else(|| base.join("backend"));
         let state_dir = base.join("state");
         for dir in [&root, &state_dir, &base.join("targets")] {
             std::fs::create_dir_all(dir).expect("create harness dir");
@@ -99,8 +158,9 @@ impl Plugin {
             root,
             state_dir,
             tmp,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            standalone,
+            extra_args: options.extra_args,
+            standalone: options.standalone,
+            node_id: options.node_id,
             child: None,
             next_target: AtomicU64::new(0),
         };
@@ -127,7 +187,7 @@ impl Plugin {
             .arg("--endpoint")
             .arg(format!("unix://{}", self.socket.display()))
             .arg("--node-id")
-            .arg(NODE_ID)
+            .arg(&self.node_id)
             .arg("--backend-root")
             .arg(&self.root)
             .arg("--state-dir")
@@ -290,15 +350,54 @@ pub async fn create_volume(channel: &Channel, name: &str, data_path: &str) -> St
     response.into_inner().volume.expect("volume").volume_id
 }
 
-/// A SINGLE_NODE_WRITER mount publish of `volume_id` at `target`.
+/// A SINGLE_NODE_WRITER mount publish of `volume_id` at `target` for the pod [`POD_UID`].
 pub fn publish_request(volume_id: &str, target: &Path, readonly: bool) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        readonly,
+        ..publish_for(volume_id, target, POD_UID)
+    }
+}
+
+/// A SINGLE_NODE_WRITER read-write mount publish of `volume_id` at `target` for `pod_uid`.
+pub fn publish_for(volume_id: &str, target: &Path, pod_uid: &str) -> NodePublishVolumeRequest {
     NodePublishVolumeRequest {
         volume_id: volume_id.into(),
         target_path: target.to_str().unwrap().into(),
         volume_capability: Some(mount_capability(Mode::SingleNodeWriter)),
-        readonly,
+        volume_context: [(POD_UID_KEY.to_string(), pod_uid.to_string())].into(),
         ..Default::default()
     }
+}
+
+/// Creates a volume directly in the backend at `root` (no Controller needed), with the
+/// given StorageClass parameters; returns its id.
+pub fn create_volume_in(root: &Path, name: &str, params: &[(&str, &str)]) -> String {
+    use holdfast_core::backend::{
+        AccessMode, Backend, Capability, CapacityRange, VolumeName, VolumeParams, VolumeSpec,
+    };
+    let parameters: std::collections::BTreeMap<String, String> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let parsed = VolumeParams::from_parameters(&parameters).expect("parameters");
+    let spec = VolumeSpec {
+        name: VolumeName::parse(name).unwrap(),
+        capacity: CapacityRange::new(0, 0).unwrap(),
+        capabilities: vec![Capability {
+            access_mode: AccessMode::SingleNodeWriter,
+            fs_type: String::new(),
+            mount_flags: Vec::new(),
+        }],
+        params: parsed.params,
+        co_metadata: Default::default(),
+    };
+    let backend = Backend::open(root).expect("open backend");
+    backend
+        .create_volume(&spec)
+        .expect("create volume")
+        .meta
+        .id
+        .to_string()
 }
 
 pub fn unpublish_request(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {

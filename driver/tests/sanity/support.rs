@@ -278,7 +278,12 @@ pub fn publish_request(
         target_path: target.to_string_lossy().into_owned(),
         volume_capability: Some(single_writer()),
         readonly: false,
-        volume_context: vol.volume_context.clone(),
+        // Exclusive volumes need the pod's UID, which kubelet adds (podInfoOnMount).
+        volume_context: {
+            let mut context = vol.volume_context.clone();
+            context.insert("csi.storage.k8s.io/pod.uid".into(), "sanity-pod".into());
+            context
+        },
         publish_context: publish_context.clone(),
         ..Default::default()
     }
