@@ -75,6 +75,17 @@ impl PluginOptions {
     /// A node-only plugin named `node_id` on the lease store at `etcd_endpoints`, with
     /// a short lease (D = 1.5 s, margin 0.5 s: renewals every 0.5 s).
     pub fn node_on_etcd(node_id: &str, etcd_endpoints: &str, root: Option<PathBuf>) -> Self {
+        Self::node_on_etcd_with(node_id, etcd_endpoints, root, "1500ms", "500ms")
+    }
+
+    /// [`PluginOptions::node_on_etcd`] with the lease duration D and margin given.
+    pub fn node_on_etcd_with(
+        node_id: &str,
+        etcd_endpoints: &str,
+        root: Option<PathBuf>,
+        duration: &str,
+        margin: &str,
+    ) -> Self {
         PluginOptions {
             standalone: false,
             node_id: node_id.to_string(),
@@ -85,9 +96,9 @@ impl PluginOptions {
                 "--etcd-endpoints",
                 etcd_endpoints,
                 "--lease-duration",
-                "1500ms",
+                duration,
                 "--lease-margin",
-                "500ms",
+                margin,
             ]
             .iter()
             .map(|s| s.to_string())
@@ -287,6 +298,10 @@ impl Plugin {
         self.spawn().await;
     }
 
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
     /// A fresh target path under `targets/`: its parent exists, it does not.
     pub fn target(&self) -> PathBuf {
         let n = self.next_target.fetch_add(1, Ordering::Relaxed);
@@ -307,6 +322,59 @@ impl Plugin {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
+}
+
+/// Two node-only plugins, `node-a` and `node-b`, sharing one real etcd and one backend
+/// root (as two nodes share them in a cluster), each with a Node client.
+pub struct Pair {
+    pub a: Plugin,
+    pub b: Plugin,
+    pub node_a: holdfast_core::csi::v1::node_client::NodeClient<Channel>,
+    pub node_b: holdfast_core::csi::v1::node_client::NodeClient<Channel>,
+    /// Dropped last: the plugins die before their store.
+    pub etcd: holdfast_core::testkit::etcd::EtcdServer,
+}
+
+/// Starts etcd and two plugins on it with lease duration `duration` and `margin`.
+pub async fn pair(duration: &str, margin: &str) -> Pair {
+    let etcd = holdfast_core::testkit::etcd::EtcdServer::start();
+    let url = etcd.client_url();
+    let a = Plugin::start_with(PluginOptions::node_on_etcd_with(
+        "node-a", &url, None, duration, margin,
+    ))
+    .await;
+    let b = Plugin::start_with(PluginOptions::node_on_etcd_with(
+        "node-b",
+        &url,
+        Some(a.root.clone()),
+        duration,
+        margin,
+    ))
+    .await;
+    let node_a = holdfast_core::csi::v1::node_client::NodeClient::new(a.channel().await);
+    let node_b = holdfast_core::csi::v1::node_client::NodeClient::new(b.channel().await);
+    Pair {
+        a,
+        b,
+        node_a,
+        node_b,
+        etcd,
+    }
+}
+
+/// The fencing epoch on the storage of `volume_id` under `root`, if written.
+pub fn storage_epoch(root: &Path, volume_id: &str) -> Option<u64> {
+    let path = root.join("volumes").join(volume_id).join(".holdfast-epoch");
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|t| t.trim().parse().expect("epoch file holds a number"))
+}
+
+/// Writes `epoch` into the volume's epoch file by hand (what a newer holder elsewhere
+/// would do).
+pub fn write_storage_epoch(root: &Path, volume_id: &str, epoch: u64) {
+    let path = root.join("volumes").join(volume_id).join(".holdfast-epoch");
+    std::fs::write(path, format!("{epoch}\n")).expect("write epoch file");
 }
 
 /// A started plugin with a channel and a Node client on it.
