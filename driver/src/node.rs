@@ -356,11 +356,9 @@ impl Node for NodeService {
         let path = std::path::PathBuf::from(validate::require("volume_path", &req.volume_path)?);
         let publisher = self.publisher.clone();
         let id = volume.clone();
-        let mut usage = blocking(move || publisher.usage(&id, &path)).await?;
         // A stopped gate is the first thing to report: the pod's I/O fails because of it.
-        if let Some(problem) = self.claims.get(&volume).and_then(|c| c.problem()) {
-            usage.problem = Some(problem);
-        }
+        let stopped = self.claims.get(&volume).and_then(|c| c.problem());
+        let usage = blocking(move || publisher.usage(&id, &path, stopped)).await?;
         Ok(Response::new(stats_response(usage)))
     }
 

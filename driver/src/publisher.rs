@@ -327,13 +327,30 @@ impl Publisher {
     }
 
     /// Usage of `path` if it is a published target of `volume` (`NOT_FOUND` otherwise).
-    pub fn usage(&self, volume: &str, path: &Path) -> Result<TargetUsage, NodeError> {
+    /// With `stopped` (the volume's gate is closed) the target itself is never touched:
+    /// a fenced volume with `fenceAction: freeze` would block the call for good.
+    pub fn usage(
+        &self,
+        volume: &str,
+        path: &Path,
+        stopped: Option<String>,
+    ) -> Result<TargetUsage, NodeError> {
         let not_published = || NodeError::NotPublished {
             volume: volume.to_string(),
             path: path.to_path_buf(),
         };
         if !path.is_absolute() {
             return Err(not_published());
+        }
+        if let Some(problem) = stopped {
+            let real = resolve_target(path)?.ok_or_else(not_published)?;
+            if self.table().get(volume, &real).is_none() {
+                return Err(not_published());
+            }
+            return Ok(TargetUsage {
+                stat: None,
+                problem: Some(problem),
+            });
         }
         let real = path.canonicalize().map_err(|_| not_published())?;
         if self.table().get(volume, &real).is_none() {
@@ -359,6 +376,11 @@ impl Publisher {
                      must be restarted to use the volume again",
                     real.display()
                 )),
+            }),
+            // A fenced FUSE volume answers EIO (the caller adds the fence's reason).
+            Err(rustix::io::Errno::IO) => Ok(TargetUsage {
+                stat: None,
+                problem: Some(format!("{} answers I/O errors", real.display())),
             }),
             Err(e) => Err(NodeError::io("statvfs", &real, e.into())),
         }
