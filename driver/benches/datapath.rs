@@ -1,36 +1,70 @@
 //! The FUSE data path against a bind mount of the same backing directory, same run.
 //!
 //! `cargo bench -p holdfast-driver --bench datapath` (as root). The backing directory is
-//! on the real disk (`/var/tmp`, override with `HOLDFAST_BENCH_DIR`). Each workload runs
-//! `REPS` times alternating bind and FUSE; the table shows medians and fuse/bind.
-//! Sequential reads start cold: `sync` and `echo 3 > /proc/sys/vm/drop_caches` before
-//! each read pass (for both mounts). Environment knobs for experiments:
-//! `HOLDFAST_BENCH_WRITEBACK=1`, `HOLDFAST_BENCH_WRITE_THROUGH=1`, `HOLDFAST_BENCH_THREADS=n`,
+//! on the real disk (`/var/tmp`, override with `HOLDFAST_BENCH_DIR`); the bind mount and
+//! the FUSE mount serve that same directory, and both sides run the identical code.
+//!
+//! What each row measures (higher is better everywhere):
+//! - `seq write total`: MiB/s of create + 256 MiB in 1 MiB `write(2)`s + `fsync` + close.
+//! - `  write(2) phase`, `  fsync phase`: the same run split at the `fsync` call, each as
+//!   256 MiB divided by that phase's time (where the bytes go, not extra work).
+//! - `seq read cold`: MiB/s reading that file back in 1 MiB `read(2)`s after `sync` and
+//!   `drop_caches` (every page of both the FUSE and the backing page cache dropped).
+//! - `4k random write+fsync`: ops/s of a 4 KiB `pwrite` at a random aligned offset of a
+//!   64 MiB file, each followed by `fsync` (a database's commit pattern).
+//! - `create/stat/unlink`: ops/s over creating, `stat`ing and removing 2000 empty files
+//!   (3 ops each) in a fresh directory.
+//!
+//! Noise control for a small, shared machine: one warm-up round (not recorded), then
+//! `HOLDFAST_BENCH_REPS` rounds (default 8). In every round each workload runs on both
+//! mounts back to back, the order alternating by round, and `sync` before each timed
+//! workload so neither inherits the other's dirty pages. The ratio column is the median
+//! of those per-round fuse/bind ratios (pairs run seconds apart share the machine's load);
+//! min–max columns show the spread. Knobs for experiments: `HOLDFAST_BENCH_WRITEBACK=1`,
+//! `HOLDFAST_BENCH_WRITE_THROUGH=0|1`, `HOLDFAST_BENCH_THREADS=n`,
 //! `HOLDFAST_BENCH_DIRTY_RATIO=n`, `HOLDFAST_BENCH_ONLY=seq,random,meta`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use holdfast_core::lease::VolumeGate;
 use holdfast_driver::datapath::{FenceAction, FuseOptions, FuseVolume};
 
-const REPS: usize = 4;
 const SEQ_MIB: usize = 256;
 const RANDOM_OPS: usize = 1000;
 const RANDOM_FILE: u64 = 64 << 20;
 const META_FILES: usize = 2000;
 
-struct Row {
-    name: &'static str,
-    unit: &'static str,
+const ROWS: [(&str, &str); 6] = [
+    ("seq write total (+fsync)", "MiB/s"),
+    ("  write(2) phase", "MiB/s"),
+    ("  fsync phase", "MiB/s"),
+    ("seq read 1 MiB (cold)", "MiB/s"),
+    ("4k random write+fsync", "ops/s"),
+    ("create/stat/unlink", "ops/s"),
+];
+
+/// A workload: the key that selects it, and the rows (indexes into `ROWS`) it fills.
+type Workload = (&'static str, &'static [usize], fn(&Path) -> Vec<f64>);
+
+const WORKLOADS: [Workload; 3] = [
+    ("seq", &[0, 1, 2, 3], seq_write_read),
+    ("random", &[4], random_write_fsync),
+    ("meta", &[5], metadata),
+];
+
+#[derive(Default)]
+struct Samples {
     bind: Vec<f64>,
     fuse: Vec<f64>,
+    ratio: Vec<f64>,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n.is_multiple_of(2) {
@@ -40,13 +74,20 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+fn spread(v: &[f64]) -> (f64, f64) {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
 fn drop_caches() {
     rustix::fs::sync();
     let _ = fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
-/// MiB/s writing `SEQ_MIB` MiB in 1 MiB writes, then fsync.
-fn seq_write(dir: &Path) -> f64 {
+/// Writes `SEQ_MIB` MiB in 1 MiB writes and fsyncs (total, write phase, fsync phase, in
+/// MiB/s), then reads the file back cold in 1 MiB reads (MiB/s) and removes it.
+fn seq_write_read(dir: &Path) -> Vec<f64> {
     let path = dir.join("seq");
     let buf = vec![0x5au8; 1 << 20];
     let start = Instant::now();
@@ -54,35 +95,40 @@ fn seq_write(dir: &Path) -> f64 {
     for _ in 0..SEQ_MIB {
         f.write_all(&buf).unwrap();
     }
+    let written = Instant::now();
     f.sync_all().unwrap();
+    let synced = Instant::now();
     drop(f);
-    let secs = start.elapsed().as_secs_f64();
-    SEQ_MIB as f64 / secs
-}
+    let total = start.elapsed().as_secs_f64();
+    let mib = SEQ_MIB as f64;
+    let write_phase = (written - start).as_secs_f64();
+    let fsync_phase = (synced - written).as_secs_f64();
 
-/// MiB/s reading the file `seq_write` left, cold, in 1 MiB reads.
-fn seq_read(dir: &Path) -> f64 {
-    let path = dir.join("seq");
     drop_caches();
     let mut buf = vec![0u8; 1 << 20];
     let start = Instant::now();
     let mut f = File::open(&path).unwrap();
-    let mut total = 0usize;
+    let mut read = 0usize;
     loop {
         let n = f.read(&mut buf).unwrap();
         if n == 0 {
             break;
         }
-        total += n;
+        read += n;
     }
-    let secs = start.elapsed().as_secs_f64();
-    assert_eq!(total, SEQ_MIB << 20);
+    let read_secs = start.elapsed().as_secs_f64();
+    assert_eq!(read, SEQ_MIB << 20);
     fs::remove_file(&path).unwrap();
-    SEQ_MIB as f64 / secs
+    vec![
+        mib / total,
+        mib / write_phase,
+        mib / fsync_phase,
+        mib / read_secs,
+    ]
 }
 
 /// ops/s of 4 KiB writes at random aligned offsets, each followed by fsync.
-fn random_write_fsync(dir: &Path) -> f64 {
+fn random_write_fsync(dir: &Path) -> Vec<f64> {
     let path = dir.join("random");
     let f = OpenOptions::new()
         .read(true)
@@ -107,11 +153,11 @@ fn random_write_fsync(dir: &Path) -> f64 {
     let secs = start.elapsed().as_secs_f64();
     drop(f);
     fs::remove_file(&path).unwrap();
-    RANDOM_OPS as f64 / secs
+    vec![RANDOM_OPS as f64 / secs]
 }
 
 /// ops/s over create + stat + unlink of `META_FILES` files (3 ops each).
-fn metadata(dir: &Path) -> f64 {
+fn metadata(dir: &Path) -> Vec<f64> {
     let sub = dir.join("meta");
     fs::create_dir(&sub).unwrap();
     let names: Vec<PathBuf> = (0..META_FILES)
@@ -129,23 +175,14 @@ fn metadata(dir: &Path) -> f64 {
     }
     let secs = start.elapsed().as_secs_f64();
     fs::remove_dir(&sub).unwrap();
-    (3 * META_FILES) as f64 / secs
+    vec![(3 * META_FILES) as f64 / secs]
 }
 
 fn env_flag(name: &str) -> Option<bool> {
     std::env::var(name).ok().map(|v| v == "1" || v == "true")
 }
 
-fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return;
-    }
-    let base = std::env::var("HOLDFAST_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
-    let backing = tempfile::tempdir_in(&base).unwrap();
-    let bind_target = tempfile::tempdir_in(&base).unwrap();
-    let fuse_target = tempfile::tempdir_in(&base).unwrap();
-    rustix::mount::mount_bind(backing.path(), bind_target.path()).expect("bind mount (root?)");
-
+fn options_from_env() -> FuseOptions {
     let mut opts = FuseOptions::new(FenceAction::Error);
     if let Some(wb) = env_flag("HOLDFAST_BENCH_WRITEBACK") {
         opts.writeback_cache = wb;
@@ -156,6 +193,40 @@ fn main() {
     if let Ok(n) = std::env::var("HOLDFAST_BENCH_THREADS") {
         opts.threads = n.parse().unwrap();
     }
+    opts
+}
+
+/// Prints the FUSE mount's BDI settings (and applies the dirty-ratio knob).
+fn show_bdi(target: &Path) {
+    let st = rustix::fs::stat(target).unwrap();
+    let (maj, min) = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
+    let bdi = format!("/sys/class/bdi/{maj}:{min}");
+    if let Ok(r) = std::env::var("HOLDFAST_BENCH_DIRTY_RATIO") {
+        fs::write(format!("{bdi}/max_ratio"), r).unwrap();
+    }
+    for knob in ["read_ahead_kb", "max_ratio", "strict_limit"] {
+        let v = fs::read_to_string(format!("{bdi}/{knob}")).unwrap_or_default();
+        println!("fuse bdi {knob} = {}", v.trim());
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let reps: usize = std::env::var("HOLDFAST_BENCH_REPS")
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(8);
+    let only = std::env::var("HOLDFAST_BENCH_ONLY").unwrap_or_default();
+    let want = |key: &str| only.is_empty() || only.split(',').any(|k| k == key);
+
+    let base = std::env::var("HOLDFAST_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let backing = tempfile::tempdir_in(&base).unwrap();
+    let bind_target = tempfile::tempdir_in(&base).unwrap();
+    let fuse_target = tempfile::tempdir_in(&base).unwrap();
+    rustix::mount::mount_bind(backing.path(), bind_target.path()).expect("bind mount (root?)");
+
+    let opts = options_from_env();
     println!(
         "fuse options: writeback_cache={} write_through={} threads={} max_write={} readahead_kb={}",
         opts.writeback_cache, opts.write_through, opts.threads, opts.max_write, opts.readahead_kb
@@ -167,116 +238,66 @@ fn main() {
         opts,
     )
     .expect("FUSE mount");
+    show_bdi(fuse_target.path());
 
-    let st = rustix::fs::stat(fuse_target.path()).unwrap();
-    let bdi = format!(
-        "/sys/class/bdi/{}:{}",
-        rustix::fs::major(st.st_dev),
-        rustix::fs::minor(st.st_dev)
-    );
-    for knob in ["read_ahead_kb", "max_ratio", "strict_limit"] {
-        let v = fs::read_to_string(format!("{bdi}/{knob}")).unwrap_or_default();
-        println!("fuse bdi {knob} = {}", v.trim());
-    }
-    if let Ok(r) = std::env::var("HOLDFAST_BENCH_DIRTY_RATIO") {
-        fs::write(format!("{bdi}/max_ratio"), r).unwrap();
-    }
-
-    let mut rows = vec![
-        Row {
-            name: "seq write 1 MiB (+fsync)",
-            unit: "MiB/s",
-            bind: vec![],
-            fuse: vec![],
-        },
-        Row {
-            name: "seq read 1 MiB (cold)",
-            unit: "MiB/s",
-            bind: vec![],
-            fuse: vec![],
-        },
-        Row {
-            name: "4 KiB random write+fsync",
-            unit: "ops/s",
-            bind: vec![],
-            fuse: vec![],
-        },
-        Row {
-            name: "create/stat/unlink",
-            unit: "ops/s",
-            bind: vec![],
-            fuse: vec![],
-        },
-    ];
+    let mut samples: Vec<Samples> = ROWS.iter().map(|_| Samples::default()).collect();
     let started = Instant::now();
-    for rep in 0..REPS {
-        // Alternate which mount goes first, so that neither always inherits the other's
-        // leftovers (freed extents, journal state).
-        let mut order = [("bind", bind_target.path()), ("fuse", fuse_target.path())];
-        if rep % 2 == 1 {
-            order.reverse();
-        }
-        for (label, mount) in order {
-            let dir = mount.join(format!("{label}-{rep}"));
-            fs::create_dir(&dir).unwrap();
-            // Each timed workload starts with nothing dirty from the one before.
-            let settled = |f: fn(&Path) -> f64| {
+    // Round 0 warms up (allocator, page cache, the daemon's buffers) and is not recorded.
+    for round in 0..=reps {
+        for (key, rows, work) in WORKLOADS {
+            if !want(key) {
+                continue;
+            }
+            let mut order = [("bind", bind_target.path()), ("fuse", fuse_target.path())];
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            let mut got: [Vec<f64>; 2] = Default::default();
+            for (label, mount) in order {
+                let dir = mount.join(format!("{label}-{round}-{key}"));
+                fs::create_dir(&dir).unwrap();
                 rustix::fs::sync();
-                f(&dir)
-            };
-            let only = std::env::var("HOLDFAST_BENCH_ONLY").unwrap_or_default();
-            let want = |key: &str| only.is_empty() || only.split(',').any(|k| k == key);
-            let results = [
-                if want("seq") {
-                    settled(seq_write)
-                } else {
-                    f64::NAN
-                },
-                if want("seq") {
-                    seq_read(&dir)
-                } else {
-                    f64::NAN
-                },
-                if want("random") {
-                    settled(random_write_fsync)
-                } else {
-                    f64::NAN
-                },
-                if want("meta") {
-                    settled(metadata)
-                } else {
-                    f64::NAN
-                },
-            ];
-            fs::remove_dir(&dir).unwrap();
-            for (row, r) in rows.iter_mut().zip(results) {
-                if label == "bind" {
-                    row.bind.push(r)
-                } else {
-                    row.fuse.push(r)
-                }
+                got[usize::from(label == "fuse")] = work(&dir);
+                fs::remove_dir(&dir).unwrap();
+            }
+            if round == 0 {
+                continue;
+            }
+            for (i, &row) in rows.iter().enumerate() {
+                let (b, f) = (got[0][i], got[1][i]);
+                let s = &mut samples[row];
+                s.bind.push(b);
+                s.fuse.push(f);
+                s.ratio.push(f / b);
             }
         }
     }
 
+    println!("\n{reps} rounds: median (min–max); ratio = median of per-round fuse/bind");
     println!(
-        "\n{:<28} | {:>12} | {:>12} | {:>6}",
-        "op (median of 4)", "bind", "fuse", "ratio"
+        "{:<26} | {:>24} | {:>24} | {:>17}",
+        "op", "bind", "fuse", "ratio"
     );
-    println!("{:-<28}-+-{:-<12}-+-{:-<12}-+-{:-<6}", "", "", "", "");
-    for row in &mut rows {
-        let (b, f) = (median(&mut row.bind), median(&mut row.fuse));
+    println!("{:-<26}-+-{:-<24}-+-{:-<24}-+-{:-<17}", "", "", "", "");
+    for ((name, unit), s) in ROWS.iter().zip(&samples) {
+        if s.ratio.is_empty() {
+            continue;
+        }
+        let cell = |v: &[f64]| {
+            let (lo, hi) = spread(v);
+            format!("{:>6.0} ({:>5.0}–{:<5.0}) {unit}", median(v), lo, hi)
+        };
+        let (lo, hi) = spread(&s.ratio);
         println!(
-            "{:<28} | {:>6.0} {:<5} | {:>6.0} {:<5} | {:>6.2}",
-            row.name,
-            b,
-            row.unit,
-            f,
-            row.unit,
-            f / b
+            "{name:<26} | {:>24} | {:>24} | {:>5.2} ({:.2}–{:.2})",
+            cell(&s.bind),
+            cell(&s.fuse),
+            median(&s.ratio),
+            lo,
+            hi
         );
     }
-    println!("\ntotal {:.1?}", started.elapsed().max(Duration::ZERO));
+    println!("\ntotal {:.1?}", started.elapsed());
 
     volume.unmount().expect("unmount FUSE");
     rustix::mount::unmount(bind_target.path(), rustix::mount::UnmountFlags::empty())
