@@ -337,22 +337,28 @@ impl Client {
     }
 
     async fn list(&self) -> Result<(), CliError> {
-        let mut starting_token = String::new();
+        let (mut starting_token, mut seen) = (String::new(), 0);
         loop {
             let request = ListVolumesRequest {
                 max_entries: 0,
                 starting_token,
             };
             let page = call!(self, Controller.list_volumes(request))?;
+            seen += page.entries.len();
             for entry in page.entries {
                 let volume = entry.volume.unwrap_or_default();
                 let nodes = entry.status.map(|s| s.published_node_ids.join(","));
                 let nodes = nodes.filter(|n| !n.is_empty()).unwrap_or("-".into());
                 let (id, size) = (&volume.volume_id, bytes(volume.capacity_bytes));
                 let context = BTreeMap::from_iter(volume.volume_context);
-                println!("{id}  {size}  attached to: {nodes}  context: {context:?}");
+                let context = context.iter().map(|(k, v)| format!("{k}={v}"));
+                let context = context.collect::<Vec<_>>().join(" ");
+                println!("{id}  {size}  attached to: {nodes}  {context}");
             }
             if page.next_token.is_empty() {
+                if seen == 0 {
+                    println!("no volumes");
+                }
                 return Ok(());
             }
             starting_token = page.next_token;
