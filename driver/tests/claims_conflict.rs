@@ -223,3 +223,29 @@ async fn exclusive_publish_needs_the_pod_uid_and_a_context_that_matches_the_volu
         .await
         .expect("matching context");
 }
+
+#[tokio::test]
+async fn a_higher_epoch_already_on_storage_refuses_the_grant_and_gives_it_back() {
+    let mut p = pair(D, MARGIN).await;
+    let id = create_volume_in(&p.a.root, "pv-newer", &[("dataPath", "fuse")]);
+    let (ta, tb) = (p.a.target(), p.b.target());
+    // Someone newer than any grant the store can give now holds the volume.
+    common::write_storage_epoch(&p.a.root, &id, 1000);
+    let err = p
+        .node_a
+        .node_publish_volume(publish_for(&id, &ta, "pod-1"))
+        .await
+        .expect_err("a grant below the storage's epoch must not be used");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("epoch 1000"), "{}", err.message());
+    assert!(mounts_at(&ta).is_empty() && !ta.exists());
+    assert_eq!(storage_epoch(&p.a.root, &id), Some(1000), "never lowered");
+
+    // The refused grant was given back: once the storage no longer shows a newer
+    // holder, the other node takes the volume at once.
+    std::fs::remove_file(p.a.root.join("volumes").join(&id).join(".holdfast-epoch")).unwrap();
+    p.node_b
+        .node_publish_volume(publish_for(&id, &tb, "pod-2"))
+        .await
+        .expect("the refused grant was released");
+}

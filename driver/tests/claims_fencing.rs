@@ -259,3 +259,86 @@ async fn unpublish_with_the_store_down_succeeds_and_the_release_lands_later() {
         p.a.logs()
     );
 }
+
+#[tokio::test]
+async fn node_fence_in_the_store_stops_the_holder() {
+    let mut p = pair("9s", "1s").await;
+    let id = create_volume_in(&p.a.root, "pv-nodefence", &[("dataPath", "fuse")]);
+    let (ta, tb) = (p.a.target(), p.b.target());
+    p.node_a
+        .node_publish_volume(publish_for(&id, &ta, "pod-1"))
+        .await
+        .unwrap();
+    std::fs::write(ta.join("before"), b"ok").unwrap();
+
+    // What the controller's fence verb does after a confirmed power-off.
+    let store = p
+        .etcd
+        .store(holdfast_core::store::etcd::DEFAULT_PREFIX)
+        .await;
+    holdfast_core::lease::fence_node(&store, "node-a", "test fence")
+        .await
+        .unwrap();
+    p.node_b
+        .node_publish_volume(publish_for(&id, &tb, "pod-2"))
+        .await
+        .expect("a fenced node's claim is free at once");
+    // node-a learns it within a renewal interval (3 s) and stops, long before its
+    // session could lapse by itself.
+    let took = eventually(Duration::from_secs(4), || {
+        std::fs::write(ta.join("after"), b"x")
+            .err()
+            .and_then(|e| e.raw_os_error())
+            == Some(libc::EIO)
+    })
+    .await;
+    assert!(took.is_some(), "fenced node kept writing:\n{}", p.a.logs());
+    let cond = condition(&mut p.node_a, &id, &ta).await;
+    assert!(cond.abnormal, "{cond:?}");
+    assert!(cond.message.contains("fenced"), "{cond:?}");
+}
+
+#[tokio::test]
+async fn claim_taken_over_in_the_store_stops_the_old_holder() {
+    use holdfast_core::store::LeaseStore;
+    let mut p = pair("9s", "1s").await;
+    let id = create_volume_in(&p.a.root, "pv-lost", &[("dataPath", "fuse")]);
+    let ta = p.a.target();
+    p.node_a
+        .node_publish_volume(publish_for(&id, &ta, "pod-1"))
+        .await
+        .unwrap();
+    std::fs::write(ta.join("before"), b"ok").unwrap();
+
+    // The store now names another holder at a higher epoch (written with a
+    // compare-and-swap, as a takeover would be); the storage epoch is left alone, so
+    // only the store channel can tell node-a.
+    let store = p
+        .etcd
+        .store(holdfast_core::store::etcd::DEFAULT_PREFIX)
+        .await;
+    let current = store.get_claim(&id).await.unwrap().expect("claim record");
+    let mut taken = current.value.clone();
+    taken.holder.node = "node-x".into();
+    taken.holder.pod_uid = "pod-x".into();
+    taken.holder.instance = "someone-else".into();
+    taken.epoch += 1;
+    store
+        .put_claim(&taken, Some(&current.version))
+        .await
+        .unwrap();
+
+    let took = eventually(Duration::from_secs(4), || {
+        std::fs::write(ta.join("after"), b"x")
+            .err()
+            .and_then(|e| e.raw_os_error())
+            == Some(libc::EIO)
+    })
+    .await;
+    assert!(took.is_some(), "old holder kept writing:\n{}", p.a.logs());
+    let cond = condition(&mut p.node_a, &id, &ta).await;
+    assert!(
+        cond.abnormal && cond.message.contains("claim lost") && cond.message.contains("pod-x"),
+        "{cond:?}"
+    );
+}
