@@ -188,7 +188,7 @@ fn options_from_env() -> FuseOptions {
         opts.writeback_cache = wb;
     }
     if let Some(wt) = env_flag("HOLDFAST_BENCH_WRITE_THROUGH") {
-        opts.write_through = wt;
+        opts.write_through = Some(wt);
     }
     if let Ok(n) = std::env::var("HOLDFAST_BENCH_THREADS") {
         opts.threads = n.parse().unwrap();
@@ -228,7 +228,7 @@ fn main() {
 
     let opts = options_from_env();
     println!(
-        "fuse options: writeback_cache={} write_through={} threads={} max_write={} readahead_kb={}",
+        "fuse options: writeback_cache={} write_through={:?} threads={} max_write={} readahead_kb={}",
         opts.writeback_cache, opts.write_through, opts.threads, opts.max_write, opts.readahead_kb
     );
     let volume = FuseVolume::mount(

@@ -400,3 +400,77 @@ fn unmounting_a_busy_volume_detaches_it_and_cuts_off_open_files() {
     assert_eq!(errno_of(r), Some(libc::ENOTCONN));
     assert_eq!(fs::read(m.b("held")).unwrap(), b"ok");
 }
+
+/// The open flags of every non-`O_PATH` fd this process (the daemon, in these tests)
+/// holds on `backing_file`.
+fn daemon_fd_flags_on(backing_file: &Path) -> Vec<u32> {
+    let mut found = vec![];
+    for entry in fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        if fs::read_link(entry.path()).ok().as_deref() != Some(backing_file) {
+            continue;
+        }
+        let info = format!("/proc/self/fdinfo/{}", entry.file_name().to_string_lossy());
+        let Ok(info) = fs::read_to_string(info) else {
+            continue;
+        };
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
+            .unwrap();
+        if flags & libc::O_PATH as u32 == 0 {
+            found.push(flags);
+        }
+    }
+    found
+}
+
+/// Writes through `target` with the file held open, and returns the flags of the
+/// daemon's backing fds for it.
+fn backing_flags_while_open(target: &Path, backing: &Path) -> Vec<u32> {
+    let mut f = File::create(target.join("wt")).unwrap();
+    f.write_all(b"x").unwrap();
+    let flags = daemon_fd_flags_on(&backing.join("wt"));
+    drop(f);
+    assert!(!flags.is_empty(), "the daemon holds the backing file open");
+    flags
+}
+
+/// Write-through: forced on, every backing fd of a written file is `O_DSYNC`; left to
+/// the default on a local filesystem (ext4 under /var/tmp) it is off.
+#[test]
+fn write_through_opens_backing_files_dsync() {
+    let dsync = libc::O_DSYNC as u32;
+    let mut opts = FuseOptions::new(FenceAction::Error);
+    opts.write_through = Some(true);
+    let m = Mounted::new(opts);
+    let flags = backing_flags_while_open(m.target.path(), m.backing.path());
+    assert!(flags.iter().all(|f| f & dsync != 0), "{flags:?}");
+    drop(m);
+
+    let m = Mounted::new(FuseOptions::new(FenceAction::Error));
+    let flags = backing_flags_while_open(m.target.path(), m.backing.path());
+    assert!(flags.iter().all(|f| f & dsync == 0), "{flags:?}");
+}
+
+/// The default turns write-through on when the backing directory is not on a known local
+/// filesystem: here the backing directory is itself a FUSE mount (a stand-in for a
+/// network filesystem's client, which can hold accepted writes and send them later).
+#[test]
+fn write_through_is_on_by_default_over_a_non_local_backing_filesystem() {
+    let lower = Mounted::new(FuseOptions::new(FenceAction::Error));
+    let upper_target = tempfile::tempdir_in("/var/tmp").unwrap();
+    let upper = FuseVolume::mount(
+        lower.target.path(),
+        upper_target.path(),
+        VolumeGate::unclaimed(),
+        FuseOptions::new(FenceAction::Error),
+    )
+    .unwrap();
+    let flags = backing_flags_while_open(upper_target.path(), lower.target.path());
+    assert!(
+        flags.iter().all(|f| f & libc::O_DSYNC as u32 != 0),
+        "{flags:?}"
+    );
+    upper.unmount().unwrap();
+}

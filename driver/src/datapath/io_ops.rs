@@ -41,7 +41,7 @@ impl VolumeFs {
             }
             f.remove(OFlags::APPEND);
         }
-        if self.opts.write_through {
+        if self.opts.write_through == Some(true) {
             f.insert(OFlags::DSYNC);
         }
         f | OFlags::CLOEXEC

@@ -69,6 +69,11 @@ impl FuseVolume {
             source,
         })?;
 
+        let mut opts = opts;
+        opts.write_through = Some(
+            opts.write_through
+                .unwrap_or_else(|| !super::sys::is_local_fs(&root_fd)),
+        );
         let fence = Arc::new(Fence::new(gate, opts.fence_action));
         let inodes = Arc::new(InodeTable::new(root_fd, &root_st));
         let fs = VolumeFs::new(fence.clone(), inodes.clone(), opts.clone());

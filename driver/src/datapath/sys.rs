@@ -80,6 +80,29 @@ pub(super) fn attr_of(st: &Stat, id: u64) -> FileAttr {
     }
 }
 
+/// Whether `fd` lives on a filesystem known to keep its dirty pages in this node's
+/// own page cache only, written to a disk no other node mounts (ext2/3/4, xfs, btrfs,
+/// tmpfs, overlayfs, zfs, f2fs). Anything else (NFS, CephFS, SMB, 9p, a FUSE client, a
+/// cluster filesystem, or a type we do not know) may hold accepted writes in a client
+/// cache and send them to shared storage later, so it counts as not local.
+pub(super) fn is_local_fs(fd: impl AsFd) -> bool {
+    rustix::fs::fstatfs(fd).is_ok_and(|s| is_local_magic(s.f_type as u64))
+}
+
+fn is_local_magic(magic: u64) -> bool {
+    const LOCAL: [u64; 8] = [
+        0xEF53,      // ext2/3/4
+        0x5846_5342, // xfs
+        0x9123_683E, // btrfs
+        0x0102_1994, // tmpfs
+        0x794C_7630, // overlayfs
+        0x2FC1_2FC1, // zfs
+        0xF2F5_2010, // f2fs
+        0x8584_58F6, // ramfs
+    ];
+    LOCAL.contains(&magic)
+}
+
 /// The daemon process's umask, read without changing it (umask(2) would race with
 /// other threads creating files).
 pub(super) fn process_umask() -> u32 {
@@ -112,6 +135,23 @@ mod tests {
         );
         assert!(check_name(OsStr::new("..a")).is_ok());
         assert!(check_name(OsStr::new("ok.txt")).is_ok());
+    }
+
+    #[test]
+    fn only_known_local_filesystems_skip_write_through() {
+        assert!(is_local_magic(0xEF53), "ext4");
+        assert!(is_local_magic(0x5846_5342), "xfs");
+        for shared in [
+            0x6969,
+            0x00C3_6400,
+            0xFE53_4D42,
+            0xFF53_4D42,
+            0x6573_5546,
+            0x0116_1970,
+            0,
+        ] {
+            assert!(!is_local_magic(shared), "{shared:#x}");
+        }
     }
 
     #[test]
