@@ -59,17 +59,34 @@ pub async fn run(
     }
 }
 
-/// One pass over every claimed volume.
-pub async fn tick(book: &ClaimBook, publisher: &Publisher) {
-    for claim in book.snapshot() {
-        check(book, &claim).await;
+/// One pass over every claimed volume: the storage and the node-fence flag first (no
+/// store needed), then the kills those call for, and only then the store, whose calls
+/// may take their whole timeout when it is unreachable — concurrently, so one pass
+/// costs at most one timeout however many volumes there are.
+pub async fn tick(book: &Arc<ClaimBook>, publisher: &Publisher) {
+    let claims = book.snapshot();
+    for claim in &claims {
+        check_storage(book, claim).await;
+    }
+    kill_stopped_bind_users(publisher, &claims).await;
+    let mut store_checks = tokio::task::JoinSet::new();
+    for claim in &claims {
+        let (book, claim) = (book.clone(), claim.clone());
+        store_checks.spawn(async move { check_store(&book, &claim).await });
+    }
+    while store_checks.join_next().await.is_some() {}
+    kill_stopped_bind_users(publisher, &claims).await;
+}
+
+async fn kill_stopped_bind_users(publisher: &Publisher, claims: &[Arc<ClaimedVolume>]) {
+    for claim in claims {
         if claim.kind == DataPathKind::Bind && claim.gate.stopped_at(Mono::now()).is_some() {
-            kill_users(publisher, &claim).await;
+            kill_users(publisher, claim).await;
         }
     }
 }
 
-async fn check(book: &ClaimBook, claim: &ClaimedVolume) {
+async fn check_storage(book: &ClaimBook, claim: &ClaimedVolume) {
     let path = claim.epoch_file.clone();
     let read = tokio::time::timeout(
         CHECK_TIMEOUT,
@@ -99,6 +116,9 @@ async fn check(book: &ClaimBook, claim: &ClaimedVolume) {
             "node fenced: a fence record names this node".into(),
         );
     }
+}
+
+async fn check_store(book: &ClaimBook, claim: &ClaimedVolume) {
     let status = tokio::time::timeout(
         CHECK_TIMEOUT,
         book.session().claim_status(&claim.volume_id, claim.epoch),

@@ -133,3 +133,34 @@ impl Drop for UnmountOnDrop {
         }
     }
 }
+
+#[test]
+fn grpc_timeout_header_sets_the_wait_budget() {
+    use super::{grpc_timeout, wait_budget, DEFAULT_WAIT, MAX_WAIT};
+    use tonic::metadata::MetadataMap;
+    let header = |value: &'static str| {
+        let mut map = MetadataMap::new();
+        map.insert("grpc-timeout", value.parse().unwrap());
+        grpc_timeout(&map)
+    };
+    assert_eq!(header("10S"), Some(Duration::from_secs(10)));
+    assert_eq!(header("1500m"), Some(Duration::from_millis(1500)));
+    assert_eq!(header("2M"), Some(Duration::from_secs(120)));
+    assert_eq!(header("7u"), Some(Duration::from_micros(7)));
+    assert_eq!(header("S"), None);
+    assert_eq!(header("10x"), None);
+    assert_eq!(grpc_timeout(&MetadataMap::new()), None);
+
+    assert_eq!(wait_budget(None), DEFAULT_WAIT);
+    // Slack is kept to mount and answer before the caller gives up ...
+    assert_eq!(
+        wait_budget(Some(Duration::from_secs(5))),
+        Duration::from_secs(4)
+    );
+    assert_eq!(
+        wait_budget(Some(Duration::from_secs(60))),
+        Duration::from_secs(58)
+    );
+    // ... and no call waits longer than the cap.
+    assert_eq!(wait_budget(Some(Duration::from_secs(3600))), MAX_WAIT);
+}

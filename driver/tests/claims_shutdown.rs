@@ -1,5 +1,5 @@
-//! What a graceful stop (SIGTERM) does to the node's session: two real
-//! `holdfast-driver` processes on one real etcd and one backend root.
+//! The node's session: what a graceful stop (SIGTERM) does to it, and what the pods see
+//! when it lapses. Real `holdfast-driver` processes on one real etcd and one backend root.
 //!
 //! Kubelet keeps published targets mounted across a plugin restart, so a plugin that
 //! stops with targets still mounted must not free their claims: its session record is
@@ -8,7 +8,10 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::{create_volume_in, pair, publish_for};
+use holdfast_core::csi::v1::NodeGetVolumeStatsRequest;
 use holdfast_core::store::LeaseStore;
 use tonic::Code;
 
@@ -49,4 +52,62 @@ async fn sigterm_keeps_the_session_while_targets_stay_mounted_and_deletes_it_oth
         "{}",
         p.b.logs()
     );
+}
+
+#[tokio::test]
+async fn lapsed_session_stops_io_and_says_so_then_resumes_after_a_proven_renewal() {
+    // D = 1.5 s: with etcd silent, the holder stops within D − margin = 1 s of its last
+    // renewal.
+    let mut p = pair("1500ms", "500ms").await;
+    let id = create_volume_in(&p.a.root, "pv-lapse", &[("dataPath", "fuse")]);
+    let ta = p.a.target();
+    p.node_a
+        .node_publish_volume(publish_for(&id, &ta, "pod-1"))
+        .await
+        .unwrap();
+    std::fs::write(ta.join("before"), b"ok").unwrap();
+
+    p.etcd.pause();
+    let start = Instant::now();
+    let eio = || {
+        std::fs::write(ta.join("during"), b"x")
+            .err()
+            .and_then(|e| e.raw_os_error())
+            == Some(libc::EIO)
+    };
+    while !eio() {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "still writing with the store silent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = p
+        .node_a
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: ta.to_str().unwrap().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = stats.volume_condition.unwrap();
+    assert!(
+        cond.abnormal && cond.message.contains("session expired"),
+        "{cond:?}"
+    );
+
+    // Nobody took the session over meanwhile, so a renewal that lands proves this node
+    // still holds it: the volume works again.
+    p.etcd.resume();
+    let start = Instant::now();
+    while std::fs::write(ta.join("after"), b"ok").is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "never resumed:\n{}",
+            p.a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
