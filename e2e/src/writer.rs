@@ -9,7 +9,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -128,6 +128,17 @@ impl Writer {
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits until the process has exited (by itself or killed by someone else, such as
+    /// a plugin fencing a bind volume); returns its status and when it was seen gone.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<(ExitStatus, Instant)> {
+        let mut exited = None;
+        wait_for(timeout, || {
+            exited = self.child.try_wait().ok().flatten();
+            exited.is_some()
+        });
+        exited.map(|status| (status, Instant::now()))
     }
 
     /// SIGKILL and reap; the events stay readable. Idempotent.

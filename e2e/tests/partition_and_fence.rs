@@ -3,7 +3,9 @@
 //! storage, and the partitioned holder stops on seeing it — within one renewal
 //! interval, long before its own session deadline (fencing a node that still runs
 //! leaves that one interval in which both may write: the fence is meant for nodes known
-//! to be down, and the epoch bounds the damage when the premise is wrong). And with `fenceAction: freeze`, a
+//! to be down, and the epoch bounds the damage when the premise is wrong). A bind-mounted
+//! holder, which needs no plugin to write, has its writers killed at its own deadline,
+//! before the volume can move. And with `fenceAction: freeze`, a
 //! fenced volume's writes block instead of failing, until unmount or the plugin's end.
 //!
 //! Each test prints its measured figures (run with `--nocapture` to see them).
@@ -168,4 +170,76 @@ async fn freeze_blocks_instead_of_failing() {
     let landed = Landed::read(&cluster.data_dir(&volume.id).join(FILE)).unwrap();
     landed.acknowledged_present("a", &a.acked()).unwrap();
     landed.nothing_from_after("a", freeze_offset).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bind_mode_partitioned_holder_is_killed_before_takeover() {
+    use std::os::unix::process::ExitStatusExt;
+
+    let cluster = Cluster::start(2).await;
+    let timing = cluster.timing;
+    let volume = cluster
+        .create_volume("bound", &[("dataPath", "bind")])
+        .await;
+    let target1 = cluster
+        .publish(1, &volume, "pod-a")
+        .await
+        .unwrap_or_else(|e| panic!("publish node1: {e}\n{}", cluster.log_tail(1, 40)));
+    let fs_type = &holdfast_e2e::mounts::mounts_at(&target1)[0].fs_type;
+    assert!(
+        !fs_type.starts_with("fuse"),
+        "bind volume served as {fs_type}"
+    );
+    let mut a = Writer::start(&target1.join(FILE), "a", WRITE_EVERY, 20);
+    assert!(a.wait_acked(20, Duration::from_secs(5)));
+
+    // A bind mount needs no plugin to write: only killing the writer stops it, and
+    // that must happen at node1's own deadline, before anyone may take over.
+    cluster.partition(1);
+    let partitioned = Instant::now();
+    let (target2, _) = cluster
+        .publish_until_ok(2, &volume, "pod-b", timing.takeover_after() * 3)
+        .await
+        .unwrap_or_else(|e| panic!("node2 never took over: {e}\n{}", cluster.log_tail(2, 40)));
+    let granted = Instant::now();
+    let alive_at_grant = a.running();
+    let grant_offset = file_len(&cluster, &volume.id);
+    let (status, _) = a.wait_exit(Duration::from_millis(100)).unwrap_or_else(|| {
+        panic!(
+            "node1's writer still runs after node2 was granted the volume\n{}",
+            cluster.log_tail(1, 40)
+        )
+    });
+    let b = Writer::start(&target2.join(FILE), "b", WRITE_EVERY, 3);
+    assert!(
+        b.wait_acked(10, Duration::from_secs(5)),
+        "node2 cannot write"
+    );
+    let last_a = a.events().last().map(|e| e.at).unwrap_or(partitioned);
+    println!(
+        "bind mode: node1's writer ended by {status:?} (last report {:?} after the partition), \
+         node2 granted {:?} after the partition (self-fence bound {:?}, takeover bound {:?})",
+        last_a - partitioned,
+        granted - partitioned,
+        timing.self_fence_after(),
+        timing.takeover_after()
+    );
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "writer ended by {status:?}"
+    );
+    assert!(
+        !alive_at_grant,
+        "node1's writer was alive when node2 was granted the volume"
+    );
+    assert!(
+        last_a < granted,
+        "node1's writer reported after node2's grant"
+    );
+    let landed = Landed::read(&cluster.data_dir(&volume.id).join(FILE)).unwrap();
+    landed.acknowledged_present("a", &a.acked()).unwrap();
+    landed.acknowledged_present("b", &b.acked()).unwrap();
+    landed.nothing_from_after("a", grant_offset).unwrap();
+    landed.no_interleave("a", "b").unwrap();
 }
