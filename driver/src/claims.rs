@@ -164,27 +164,32 @@ impl ClaimBook {
     ) -> Result<(Arc<ClaimedVolume>, bool), NodeError> {
         let existing = self.get(&req.volume_id);
         if let Some(claim) = existing.as_ref().filter(|c| c.pod_uid == req.pod_uid) {
-            if let Some(problem) = claim.problem() {
-                // Its data path is stopped for good; the pod must go through unpublish.
-                return Err(NodeError::Fenced {
+            return match claim.problem() {
+                // Its data path is stopped; the pod must go through unpublish.
+                Some(problem) => Err(NodeError::Fenced {
                     volume: req.volume_id,
                     problem,
-                });
-            }
+                }),
+                // The pod holds it here and its gate is open (session live, no fence):
+                // a repeated publish needs no store, so it succeeds during an outage
+                // too. The enforcer keeps checking the claim as before.
+                None => Ok((claim.clone(), false)),
+            };
         }
         let grant = self
             .session
             .acquire(&req.volume_id, &req.pod_uid, req.wait_until)
             .await
             .map_err(|e| NodeError::from_lease(&req.volume_id, e))?;
-        if let Some(claim) = existing.filter(|c| c.pod_uid == req.pod_uid) {
-            if claim.epoch == grant.epoch {
-                return Ok((claim, false));
-            }
-            // The pod held it here at another epoch: that grant is over.
-            claim.fence(
+        if let Some(old) = existing {
+            // Another pod's claim here is over (the store granted this one): its gate
+            // must not outlive it unwatched.
+            old.fence(
                 FenceCause::ClaimLost,
-                format!("claim lost: re-taken at epoch {}", grant.epoch),
+                format!(
+                    "claim lost: pod {} took the volume at epoch {}",
+                    req.pod_uid, grant.epoch
+                ),
             );
         }
         let path = req.epoch_file.clone();

@@ -5,6 +5,19 @@
 //! already showing something else is `ALREADY_EXISTS`; a request the node cannot serve
 //! in its current state is `FAILED_PRECONDITION`; anything the system failed to do is
 //! `INTERNAL` with the underlying error in the message.
+//!
+//! The lock's answers on NodePublishVolume:
+//! - held by another pod → `FAILED_PRECONDITION`, naming the holder's pod UID and node
+//!   and how long until its lease can expire (or that it keeps the volume until it
+//!   releases it or its node is fenced, when no expiry can be given);
+//! - exclusive volume without `csi.storage.k8s.io/pod.uid` → `FAILED_PRECONDITION`
+//!   (the request is valid CSI; the CSIDriver's `podInfoOnMount` is what is missing);
+//! - this node fenced, a newer epoch on the storage, or the pod's data path here
+//!   fenced → `FAILED_PRECONDITION`;
+//! - volume_context contradicting the volume's parameters → `INVALID_ARGUMENT`;
+//! - lease store unreachable, or this node's session not provably live → `UNAVAILABLE`
+//!   (the CO retries);
+//! - the claim changed under us too often → `ABORTED`.
 
 use std::path::PathBuf;
 

@@ -111,3 +111,33 @@ async fn lapsed_session_stops_io_and_says_so_then_resumes_after_a_proven_renewal
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn plugin_refuses_to_serve_without_a_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().canonicalize().unwrap();
+    for dir in ["backend", "state"] {
+        std::fs::create_dir(base.join(dir)).unwrap();
+    }
+    // Nothing listens on port 1: the session record cannot be written.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast-driver"))
+        .arg(format!(
+            "--endpoint=unix://{}",
+            base.join("csi.sock").display()
+        ))
+        .args(["--node-id", "node-a", "--lease-store", "etcd"])
+        .args(["--etcd-endpoints", "http://127.0.0.1:1"])
+        .arg(format!("--backend-root={}", base.join("backend").display()))
+        .arg(format!("--state-dir={}", base.join("state").display()))
+        .env_remove("CSI_ENDPOINT")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output)
+        .await
+        .expect("the plugin must give up, not hang")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("lease session"), "{stderr}");
+    assert!(!base.join("csi.sock").exists(), "it must not have served");
+}
