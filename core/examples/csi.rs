@@ -64,7 +64,8 @@ enum Verb {
     Delete { id: String },
     /// ControllerPublishVolume to the node, then NodePublishVolume at TARGET for a pod.
     Publish(Publish),
-    /// NodeUnpublishVolume at TARGET, then ControllerUnpublishVolume from the node.
+    /// NodeUnpublishVolume at TARGET, then ControllerUnpublishVolume from the node (what
+    /// Kubernetes does once the node's last pod using the volume is gone).
     Unpublish { id: String, target: String },
     /// NodeGetVolumeStats of a published target.
     Stats { id: String, target: String },
@@ -72,11 +73,14 @@ enum Verb {
 
 #[derive(clap::Args)]
 struct Publish {
+    /// Volume id, as `create` printed it.
     id: String,
+    /// Directory to mount the volume on (created; its parent must exist).
     target: String,
     /// UID of the pod the volume is published for: the claim's holder.
     #[arg(long)]
     pod_uid: String,
+    /// Mount the volume read-only.
     #[arg(long)]
     readonly: bool,
     /// Node id to attach to; default: the one NodeGetInfo reports.
