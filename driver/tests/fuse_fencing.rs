@@ -310,3 +310,31 @@ fn paused_server_waking_past_its_deadline_refuses_the_queued_write() {
     assert_eq!(err, Some(libc::EIO));
     assert_eq!(fs::read(backing.path().join("file")).unwrap(), b"before");
 }
+
+/// Pages kept in the kernel across opens (`FOPEN_KEEP_CACHE`) and cached attributes are
+/// dropped at the fence: a read through a descriptor opened and read before the fence,
+/// of pages already cached, fails instead of being answered from the page cache.
+#[test]
+fn cached_pages_are_not_served_after_a_fence() {
+    use std::os::unix::fs::FileExt;
+    let (backing, target) = dirs();
+    let gate = gate_for(Duration::from_secs(60));
+    let opts = FuseOptions::new(FenceAction::Error);
+    let vol = FuseVolume::mount(backing.path(), target.path(), gate.clone(), opts).unwrap();
+    let path = target.path().join("cached");
+    fs::write(&path, vec![7u8; 64 << 10]).unwrap();
+    let f = File::open(&path).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    // A second open keeps the cache: this read is served from the kernel's pages.
+    let again = File::open(&path).unwrap();
+    again.read_exact_at(&mut buf, 0).unwrap();
+
+    gate.fence(FenceCause::NodeFenced);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(errno_of(f.read_at(&mut buf, 0)), Some(libc::EIO), "read");
+    assert_eq!(errno_of(again.read_at(&mut buf, 4096)), Some(libc::EIO));
+    assert_eq!(errno_of(f.metadata()), Some(libc::EIO), "fstat");
+    drop((f, again));
+    vol.unmount().unwrap();
+}
