@@ -12,7 +12,8 @@
 //! - [`claims`]: the claims this node holds and their gates; [`epoch_file`]: the
 //!   fencing epoch on the volume's storage; [`enforcer`]: the task that fences gates
 //!   (higher epoch on storage, claim lost, node fenced); [`holders`]: finding and
-//!   killing the processes that use a fenced bind volume.
+//!   killing the processes that use a fenced bind volume; [`lock_request`]: what a
+//!   publish asks of the lock (pod UID, context check, wait budget).
 
 pub mod args;
 pub mod claims;
@@ -22,6 +23,7 @@ pub mod epoch_file;
 pub mod error;
 pub mod fuse_targets;
 pub mod holders;
+pub mod lock_request;
 pub mod mount;
 pub mod node;
 pub mod plugin;

@@ -8,11 +8,9 @@
 //! advertised, so NodeStage/NodeUnstage (and expansion, which needs nothing on the
 //! node) are `UNIMPLEMENTED`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use holdfast_core::backend::{OnConflict, VolumeId, VolumeMeta, VolumeParams};
+use holdfast_core::backend::{OnConflict, VolumeId, VolumeMeta};
 use holdfast_core::clock::Mono;
 use holdfast_core::csi::v1::node_server::{Node, NodeServer};
 use holdfast_core::csi::v1::{
@@ -26,20 +24,14 @@ use holdfast_core::csi::v1::{
 };
 use holdfast_core::csi::validate;
 use holdfast_core::lease::VolumeGate;
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::claims::{ClaimBook, ClaimRequest};
 use crate::error::NodeError;
+use crate::lock_request::{check_context, pod_uid};
+pub use crate::lock_request::{grpc_timeout, wait_budget, DEFAULT_WAIT, MAX_WAIT, POD_UID_KEY};
 use crate::published::{DataPathKind, PublishedTable};
 use crate::publisher::{PublishPlan, Publisher, TargetUsage};
-
-/// Where kubelet puts the pod's UID when the CSIDriver has `podInfoOnMount: true`.
-pub const POD_UID_KEY: &str = "csi.storage.k8s.io/pod.uid";
-/// onConflict=wait without a gRPC deadline waits this long.
-pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
-/// onConflict=wait never waits longer than this, whatever the deadline.
-pub const MAX_WAIT: Duration = Duration::from_secs(120);
 
 pub struct NodeService {
     node_id: String,
@@ -190,71 +182,6 @@ fn validate_publish(req: &NodePublishVolumeRequest) -> Result<PublishPlan, Statu
             || matches!(mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly),
         single_target,
     })
-}
-
-/// The volume context may repeat the volume's own parameters (the controller returns
-/// them as volume_context) but never contradict them: the metadata written at
-/// CreateVolume is what holds, so that no request can turn locking off.
-fn check_context(
-    params: &VolumeParams,
-    context: &HashMap<String, String>,
-) -> Result<(), NodeError> {
-    for (key, stored) in params.to_context() {
-        if let Some(given) = context.get(&key) {
-            if *given != stored {
-                return Err(NodeError::ContextMismatch {
-                    key,
-                    given: given.clone(),
-                    stored,
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The pod's UID. Missing is FAILED_PRECONDITION, not INVALID_ARGUMENT: the request is
-/// valid CSI (volume_context is optional); what is wrong is the cluster's setup — the
-/// CSIDriver object must ask kubelet for pod info — and the message says how to fix it.
-fn pod_uid(volume: &str, context: &HashMap<String, String>) -> Result<String, NodeError> {
-    match context
-        .get(POD_UID_KEY)
-        .filter(|uid| !uid.trim().is_empty())
-    {
-        Some(uid) => Ok(uid.clone()),
-        None => Err(NodeError::MissingPodUid {
-            volume: volume.to_string(),
-            key: POD_UID_KEY,
-        }),
-    }
-}
-
-/// The call's remaining deadline from its `grpc-timeout` header (`<digits><unit>`).
-pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-/// How long onConflict=wait may wait: the call's remaining deadline less some slack to
-/// mount and answer in time, capped; [`DEFAULT_WAIT`] without a deadline.
-pub fn wait_budget(remaining: Option<Duration>) -> Duration {
-    match remaining {
-        None => DEFAULT_WAIT,
-        Some(left) => {
-            let slack = (left / 5).min(Duration::from_secs(2));
-            left.saturating_sub(slack).min(MAX_WAIT)
-        }
-    }
 }
 
 fn rpc_capability(kind: node_service_capability::rpc::Type) -> NodeServiceCapability {
