@@ -19,7 +19,14 @@
 //! - [`mounts`]: mount-table reading and the lazy-unmount sweep;
 //! - [`bins`]: finding (and building) the node plugin and controller binaries.
 //!
-//! Everything needs root (namespaces, mounts, /dev/fuse).
+//! Running: `cargo test -p holdfast-e2e -- --nocapture` (each test prints what it
+//! measured: takeover latency, time to EIO, …) and `cargo bench -p holdfast-e2e --bench
+//! failover`. Everything needs root (namespaces, veths, mounts, /dev/fuse), `ip` and
+//! `nsenter`. The node plugin and controller are (re)built by the harness on first use
+//! (see [`bins`]); `HOLDFAST_E2E_NO_BUILD=1` skips that. Clusters run one at a time
+//! (see [`cluster`]), so the tests of one file run in sequence whatever the thread
+//! count. Cleanup happens on drop, after a failed assertion too; namespaces and veths
+//! of a run that was itself killed are removed by the next run.
 
 pub mod bins;
 pub mod checker;
