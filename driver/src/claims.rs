@@ -81,7 +81,7 @@ impl ClaimedVolume {
                 } else {
                     format!(
                         "session expired {:.1}s ago: the lease store could not be reached to \
-                         renew this node's session; I/O is stopped until the pod is restarted",
+                         renew this node's session; I/O is stopped until a renewal is proven",
                         now.since(deadline).as_secs_f64()
                     )
                 }
