@@ -14,6 +14,8 @@
 //!   64 MiB file, each followed by `fsync` (a database's commit pattern).
 //! - `create/stat/unlink`: ops/s over creating, `stat`ing and removing 2000 empty files
 //!   (3 ops each) in a fresh directory.
+//! - `stat of a missing name`: ops/s of `stat` on 500 names that do not exist, 10 times
+//!   each (the first of each is a real lookup on both sides).
 //!
 //! Noise control for a small, shared machine: one warm-up round (not recorded), then
 //! `HOLDFAST_BENCH_REPS` rounds (default 8). In every round each workload runs on both
@@ -22,7 +24,7 @@
 //! of those per-round fuse/bind ratios (pairs run seconds apart share the machine's load);
 //! min–max columns show the spread. Knobs for experiments: `HOLDFAST_BENCH_WRITEBACK=1`,
 //! `HOLDFAST_BENCH_WRITE_THROUGH=0|1`, `HOLDFAST_BENCH_THREADS=n`,
-//! `HOLDFAST_BENCH_DIRTY_RATIO=n`, `HOLDFAST_BENCH_ONLY=seq,random,meta`.
+//! `HOLDFAST_BENCH_DIRTY_RATIO=n`, `HOLDFAST_BENCH_ONLY=seq,random,meta,miss`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -37,23 +39,27 @@ const SEQ_MIB: usize = 256;
 const RANDOM_OPS: usize = 1000;
 const RANDOM_FILE: u64 = 64 << 20;
 const META_FILES: usize = 2000;
+const MISSING_NAMES: usize = 500;
+const MISSING_ROUNDS: usize = 10;
 
-const ROWS: [(&str, &str); 6] = [
+const ROWS: [(&str, &str); 7] = [
     ("seq write total (+fsync)", "MiB/s"),
     ("  write(2) phase", "MiB/s"),
     ("  fsync phase", "MiB/s"),
     ("seq read 1 MiB (cold)", "MiB/s"),
     ("4k random write+fsync", "ops/s"),
     ("create/stat/unlink", "ops/s"),
+    ("stat of a missing name", "ops/s"),
 ];
 
 /// A workload: the key that selects it, and the rows (indexes into `ROWS`) it fills.
 type Workload = (&'static str, &'static [usize], fn(&Path) -> Vec<f64>);
 
-const WORKLOADS: [Workload; 3] = [
+const WORKLOADS: [Workload; 4] = [
     ("seq", &[0, 1, 2, 3], seq_write_read),
     ("random", &[4], random_write_fsync),
     ("meta", &[5], metadata),
+    ("miss", &[6], missing_lookups),
 ];
 
 #[derive(Default)]
@@ -176,6 +182,22 @@ fn metadata(dir: &Path) -> Vec<f64> {
     let secs = start.elapsed().as_secs_f64();
     fs::remove_dir(&sub).unwrap();
     vec![(3 * META_FILES) as f64 / secs]
+}
+
+/// ops/s of `stat` on names that do not exist: `MISSING_NAMES` names, each asked
+/// `MISSING_ROUNDS` times (a search path, a lock-file probe).
+fn missing_lookups(dir: &Path) -> Vec<f64> {
+    let names: Vec<PathBuf> = (0..MISSING_NAMES)
+        .map(|i| dir.join(format!("absent{i:04}")))
+        .collect();
+    let start = Instant::now();
+    for _ in 0..MISSING_ROUNDS {
+        for n in &names {
+            assert!(fs::metadata(n).is_err());
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    vec![(MISSING_NAMES * MISSING_ROUNDS) as f64 / secs]
 }
 
 fn env_flag(name: &str) -> Option<bool> {

@@ -338,3 +338,32 @@ fn cached_pages_are_not_served_after_a_fence() {
     drop((f, again));
     vol.unmount().unwrap();
 }
+
+/// A lookup miss is cached (a negative entry) while the volume is held; at the fence
+/// every cached entry is dropped, so the cached miss is not answered after it: the
+/// lookup goes to the daemon and fails with `EIO` like everything else.
+#[test]
+fn cached_lookup_misses_are_not_served_after_a_fence() {
+    let (backing, target) = dirs();
+    let gate = gate_for(Duration::from_secs(60));
+    let opts = FuseOptions::new(FenceAction::Error);
+    let vol = FuseVolume::mount(backing.path(), target.path(), gate.clone(), opts).unwrap();
+    let missing = target.path().join("missing");
+    assert_eq!(errno_of(fs::metadata(&missing)), Some(libc::ENOENT));
+    // Created behind the daemon's back: the kernel still answers from its cached miss,
+    // which shows the cache is live (the next assertions are not vacuous).
+    fs::write(backing.path().join("missing"), b"x").unwrap();
+    assert_eq!(errno_of(fs::metadata(&missing)), Some(libc::ENOENT));
+
+    gate.fence(FenceCause::NodeFenced);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(errno_of(fs::metadata(&missing)), Some(libc::EIO), "stat");
+    assert_eq!(errno_of(File::open(&missing)), Some(libc::EIO), "open");
+    assert_eq!(
+        errno_of(fs::write(target.path().join("missing"), b"y")),
+        Some(libc::EIO),
+        "create"
+    );
+    assert_eq!(fs::read(backing.path().join("missing")).unwrap(), b"x");
+    vol.unmount().unwrap();
+}

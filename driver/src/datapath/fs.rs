@@ -118,7 +118,20 @@ impl Filesystem for VolumeFs {
             .fence
             .pass()
             .and_then(|()| self.lookup_entry(parent.0, name));
-        self.entry(r, reply)
+        match r {
+            // A miss cached for the entry TTL (node id 0): repeated lookups of a missing
+            // name (search paths, lock-file probes) and the lookup before creating a
+            // name looked up earlier cost no round trip. Safe to cache while this daemon
+            // is the only writer. At the fence the watcher invalidates the attributes of
+            // every directory the kernel knows, and with `default_permissions` every
+            // path walk checks search permission on each directory it passes, which now
+            // asks the daemon and fails: the cached miss is never reached.
+            Err(Errno::ENOENT) => {
+                let none = super::sys::negative_attr();
+                reply.entry(self.ttl(), &none, Generation(0))
+            }
+            r => self.entry(r, reply),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {

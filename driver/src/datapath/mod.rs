@@ -91,7 +91,13 @@
 //! 1 MiB `max_write` with `max_pages` 256, readahead raised through the mount's BDI (and
 //! the BDI's strict 1% dirty limit lifted), one worker thread per core (2 to 4) each with
 //! a cloned `/dev/fuse` fd (measured: cloning neither helps nor hurts on 2 cores),
-//! `keep_cache` on open and long attribute/entry TTLs. The writeback
+//! `keep_cache` on open, long attribute/entry TTLs, and lookup misses cached as negative
+//! entries for the same TTL (`stat` of a missing name 0.07 → 0.49 of a bind mount). Every
+//! one of these caches is cut at the fence: the watcher invalidates the pages and
+//! attributes of every inode the kernel holds, and with `default_permissions` every
+//! path walk then re-checks each directory it passes with the daemon, so neither a
+//! cached page nor a cached entry (positive or negative) answers after the fence
+//! (`tests/fuse_fencing.rs`: `cached_pages_…`, `cached_lookup_misses_…`). The writeback
 //! cache is off by default: measured here it made sequential writes *slower* (one more
 //! copy, flusher and throttling overhead) and it weakens the fence's error reporting
 //! (see above); it is a knob. Caching is safe because while this daemon holds the claim

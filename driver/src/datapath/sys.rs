@@ -103,6 +103,28 @@ fn is_local_magic(magic: u64) -> bool {
     LOCAL.contains(&magic)
 }
 
+/// The attributes sent with a negative entry: node id 0 tells the kernel "no such
+/// name" while letting it cache that answer for the entry TTL; the rest is ignored.
+pub(super) fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 /// The daemon process's umask, read without changing it (umask(2) would race with
 /// other threads creating files).
 pub(super) fn process_umask() -> u32 {
