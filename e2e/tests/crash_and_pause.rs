@@ -186,3 +186,36 @@ async fn restarted_plugin_releases_dead_predecessors_claims_at_once() {
     landed.acknowledged_present("b", &b.acked()).unwrap();
     landed.no_interleave("a", "b").unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_mode_publish_is_granted_once_a_killed_holder_expires() {
+    let mut cluster = Cluster::start(2).await;
+    let timing = cluster.timing;
+    let volume = cluster
+        .create_volume("wait-crash", &[("onConflict", "wait")])
+        .await;
+    cluster
+        .publish(1, &volume, "pod-a")
+        .await
+        .unwrap_or_else(|e| panic!("publish node1: {e}\n{}", cluster.log_tail(1, 40)));
+    cluster.kill(1);
+    let killed = Instant::now();
+    // One call, waiting within its deadline, instead of kubelet's retries.
+    let target = cluster.target(2, "pod-b");
+    let deadline = timing.takeover_after() * 3;
+    cluster
+        .publish_at(2, &volume, "pod-b", &target, Some(deadline))
+        .await
+        .unwrap_or_else(|e| panic!("waiting publish failed: {e}\n{}", cluster.log_tail(2, 40)));
+    let granted = killed.elapsed();
+    println!(
+        "wait mode after a crash: one NodePublishVolume call granted {granted:?} after the kill \
+         (lease bound {:?}, call deadline {deadline:?})",
+        timing.takeover_after()
+    );
+    assert!(
+        granted >= earliest_takeover(&cluster),
+        "granted {granted:?} after the kill, before node1's session could expire"
+    );
+    assert!(cluster.is_mounted(&target));
+}
