@@ -109,8 +109,6 @@ pub struct ClaimBook {
 pub struct ClaimRequest {
     pub volume_id: String,
     pub pod_uid: String,
-    /// `None`: refuse at once if held; `Some(t)`: wait for the holder until `t`.
-    pub wait_until: Option<Mono>,
     pub kind: DataPathKind,
     pub epoch_file: PathBuf,
     pub data_dir: PathBuf,
@@ -178,7 +176,7 @@ impl ClaimBook {
         }
         let grant = self
             .session
-            .acquire(&req.volume_id, &req.pod_uid, req.wait_until)
+            .acquire(&req.volume_id, &req.pod_uid, None)
             .await
             .map_err(|e| NodeError::from_lease(&req.volume_id, e))?;
         if let Some(old) = existing {

@@ -194,61 +194,111 @@ fn rpc_capability(kind: node_service_capability::rpc::Type) -> NodeServiceCapabi
     }
 }
 
-#[tonic::async_trait]
-impl Node for NodeService {
-    async fn node_publish_volume(
+/// How often an `onConflict: wait` publish asks for the claim again.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// One try at a publish: done (either way), or refused because another pod holds the
+/// volume while the caller may still wait.
+enum PublishAttempt {
+    Done(Result<(), Status>),
+    HeldRetryAfter(std::time::Duration),
+}
+
+impl NodeService {
+    /// Publishes under the volume's lock, asking for the claim without waiting. A
+    /// waiting publish (`onConflict: wait`) retries from [`Node::node_publish_volume`]
+    /// with the lock released in between: the holder may be a pod on this very node,
+    /// whose NodeUnpublishVolume needs the same lock to release the claim. The lease
+    /// client keeps its observations of the holder's session across tries, so a
+    /// takeover by timeout is timed from the first try.
+    async fn try_publish(
         &self,
-        request: Request<NodePublishVolumeRequest>,
-    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
-        let budget = wait_budget(grpc_timeout(request.metadata()));
-        let req = request.get_ref();
-        let plan = validate_publish(req)?;
+        req: &NodePublishVolumeRequest,
+        plan: &PublishPlan,
+        wait_until: Mono,
+    ) -> PublishAttempt {
         let id = plan.volume.as_str().to_string();
         let _guard = self.publisher.locks.lock(&id).await;
-        let meta = self.volume_meta(&plan.volume).await?;
-        check_context(&meta.params, &req.volume_context)?;
+        let meta = match self.volume_meta(&plan.volume).await {
+            Ok(meta) => meta,
+            Err(status) => return PublishAttempt::Done(Err(status)),
+        };
+        if let Err(e) = check_context(&meta.params, &req.volume_context) {
+            return PublishAttempt::Done(Err(Status::from(e)));
+        }
         let (gate, claim_taken) = if meta.params.exclusive {
-            let pod_uid = pod_uid(&id, &req.volume_context)?;
-            let wait_until = match meta.params.on_conflict {
-                OnConflict::Fail => None,
-                OnConflict::Wait => Some(Mono::now() + budget),
+            let pod_uid = match pod_uid(&id, &req.volume_context) {
+                Ok(uid) => uid,
+                Err(e) => return PublishAttempt::Done(Err(Status::from(e))),
             };
             let publisher = self.publisher.clone();
             let volume = plan.volume.clone();
-            let (epoch_file, data_dir) = blocking(move || {
+            let paths = blocking(move || {
                 let backend = publisher.backend();
                 Ok((backend.epoch_file(&volume)?, backend.data_dir(&volume)?))
             })
-            .await?;
+            .await;
+            let (epoch_file, data_dir) = match paths {
+                Ok(paths) => paths,
+                Err(status) => return PublishAttempt::Done(Err(status)),
+            };
             let kind = match meta.params.data_path {
                 holdfast_core::backend::DataPath::Bind => DataPathKind::Bind,
                 holdfast_core::backend::DataPath::Fuse => DataPathKind::Fuse,
             };
-            let (claim, taken) = self
+            let acquired = self
                 .claims
                 .acquire(ClaimRequest {
                     volume_id: id.clone(),
                     pod_uid,
-                    wait_until,
                     kind,
                     epoch_file,
                     data_dir,
                 })
-                .await
-                .map_err(Status::from)?;
-            (claim.gate.clone(), taken)
+                .await;
+            match acquired {
+                Ok((claim, taken)) => (claim.gate.clone(), taken),
+                Err(NodeError::Held { .. })
+                    if meta.params.on_conflict == OnConflict::Wait
+                        && Mono::now() + WAIT_POLL < wait_until =>
+                {
+                    return PublishAttempt::HeldRetryAfter(WAIT_POLL);
+                }
+                Err(e) => return PublishAttempt::Done(Err(Status::from(e))),
+            }
         } else {
             (VolumeGate::unclaimed(), false)
         };
         let publisher = self.publisher.clone();
+        let plan = plan.clone();
         let result = blocking(move || publisher.publish(&plan, gate)).await;
         // A claim this call took is given back if nothing of the volume got mounted; one
         // the pod already held for another target stays with that target.
         if result.is_err() && claim_taken && self.publisher.table().targets(&id).is_empty() {
             self.claims.release(&id).await;
         }
-        result?;
-        Ok(Response::new(NodePublishVolumeResponse {}))
+        PublishAttempt::Done(result)
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let wait_until = Mono::now() + wait_budget(grpc_timeout(request.metadata()));
+        let req = request.get_ref();
+        let plan = validate_publish(req)?;
+        loop {
+            match self.try_publish(req, &plan, wait_until).await {
+                PublishAttempt::Done(result) => {
+                    result?;
+                    return Ok(Response::new(NodePublishVolumeResponse {}));
+                }
+                PublishAttempt::HeldRetryAfter(pause) => tokio::time::sleep(pause).await,
+            }
+        }
     }
 
     async fn node_unpublish_volume(

@@ -34,6 +34,7 @@ pub const FUSE_FS_TYPE: &str = "fuse.holdfast";
 const MAX_STACKED_MOUNTS: usize = 16;
 
 /// A validated publish request.
+#[derive(Clone, Debug)]
 pub struct PublishPlan {
     pub volume: VolumeId,
     pub target: PathBuf,

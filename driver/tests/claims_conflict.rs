@@ -166,6 +166,44 @@ async fn on_conflict_wait_gets_the_volume_when_the_holder_releases_within_the_de
 }
 
 #[tokio::test]
+async fn on_conflict_wait_on_the_holders_own_node_gets_the_volume_when_the_old_pod_unpublishes() {
+    // The replacement pod lands on the same node while the old one is terminating: the
+    // waiting publish must not block the old pod's unpublish (both are calls on one
+    // volume of one plugin), or neither could finish.
+    let plugin = Plugin::start_standalone().await;
+    let mut node = holdfast_core::csi::v1::node_client::NodeClient::new(plugin.channel().await);
+    let id = create_volume_in(
+        &plugin.root,
+        "pv-same-node",
+        &[("dataPath", "fuse"), ("onConflict", "wait")],
+    );
+    let (old, new) = (plugin.target(), plugin.target());
+    node.node_publish_volume(publish_for(&id, &old, "pod-old"))
+        .await
+        .unwrap();
+
+    let waiting = {
+        let mut node = node.clone();
+        let mut request = Request::new(publish_for(&id, &new, "pod-new"));
+        request.set_timeout(Duration::from_secs(20));
+        tokio::spawn(async move { node.node_publish_volume(request).await })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!waiting.is_finished(), "pod-new must wait for pod-old");
+    let mut request = Request::new(unpublish_request(&id, &old));
+    request.set_timeout(Duration::from_secs(5));
+    node.node_unpublish_volume(request)
+        .await
+        .expect("the old pod's unpublish is not blocked by the waiting publish");
+    waiting
+        .await
+        .unwrap()
+        .expect("the waiting publish gets the volume once the old pod released it");
+    assert_eq!(mounts_at(&new).len(), 1);
+    assert!(mounts_at(&old).is_empty());
+}
+
+#[tokio::test]
 async fn non_exclusive_volumes_take_no_claim() {
     let mut p = pair(D, MARGIN).await;
     let id = create_volume_in(
