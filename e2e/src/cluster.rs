@@ -23,7 +23,7 @@ use holdfast_core::testkit::etcd::{EtcdOptions, EtcdServer};
 
 use crate::netns::{self, NetNs};
 use crate::process::{supported_flags, Daemon};
-use crate::{bins, mounts};
+use crate::{bins, mounts, stale};
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
 
@@ -94,9 +94,9 @@ impl Cluster {
     pub async fn start_with(n: usize, timing: LeaseTiming) -> Cluster {
         let serial = serial_lock();
         netns::remove_stale();
-        remove_stale_dirs();
+        stale::remove_stale_dirs();
         let tmp = tempfile::Builder::new()
-            .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
+            .prefix(&format!("{}{}-", stale::TMP_PREFIX, std::process::id()))
             .tempdir()
             .expect("temp dir");
         let base = tmp.path().canonicalize().expect("canonical temp dir");
@@ -376,52 +376,6 @@ fn lease_flags(
         .filter(|(flag, _)| known.iter().any(|k| k == flag))
         .map(|(flag, value)| format!("{flag}={value}"))
         .collect()
-}
-
-const TMP_PREFIX: &str = "hf-e2e-";
-
-/// Unmounts and removes the temp dirs of runs whose process is gone (a run that was
-/// itself killed cannot clean up; its plugins' dead FUSE mounts would stay forever).
-fn remove_stale_dirs() {
-    let tmp = std::env::temp_dir();
-    let Ok(entries) = std::fs::read_dir(&tmp) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(TMP_PREFIX) else {
-            continue;
-        };
-        let pid = rest.split('-').next().unwrap_or_default();
-        let owner_gone = !pid.is_empty()
-            && pid.chars().all(|c| c.is_ascii_digit())
-            && !Path::new(&format!("/proc/{pid}")).exists();
-        if owner_gone && entry.path().is_dir() {
-            kill_processes_using(&entry.path());
-            mounts::sweep(&entry.path());
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-/// SIGKILLs the plugins and controller a killed run left behind: every process whose
-/// command line names `dir` (their sockets and roots are all under it).
-fn kill_processes_using(dir: &Path) {
-    let needle = dir.display().to_string();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in procs.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-        }
-    }
 }
 
 /// Serializes clusters across threads and processes; released when the file closes.

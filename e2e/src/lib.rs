@@ -17,7 +17,8 @@
 //! - [`writer`] and the `hf-e2e-writer` binary: the workload; [`records`]: its format;
 //! - [`checker`]: what must (and must not) have landed;
 //! - [`mounts`]: mount-table reading and the lazy-unmount sweep;
-//! - [`bins`]: finding (and building) the node plugin and controller binaries.
+//! - [`bins`]: finding (and building) the node plugin and controller binaries;
+//! - [`stale`]: removing what a killed earlier run left behind.
 //!
 //! Running: `cargo test -p holdfast-e2e -- --nocapture` (each test prints what it
 //! measured: takeover latency, time to EIO, …) and `cargo bench -p holdfast-e2e --bench
@@ -36,6 +37,7 @@ pub mod mounts;
 pub mod netns;
 pub mod process;
 pub mod records;
+pub mod stale;
 pub mod writer;
 
 pub use checker::Landed;
