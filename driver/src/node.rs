@@ -37,6 +37,9 @@ pub struct NodeService {
     node_id: String,
     publisher: Arc<Publisher>,
     claims: Arc<ClaimBook>,
+    /// Who holds an exclusive volume published without a pod UID; `None` refuses such
+    /// a publish (see [`NodeService::claim_without_pod_info`]).
+    holder_without_pod_info: Option<String>,
 }
 
 impl NodeService {
@@ -47,7 +50,20 @@ impl NodeService {
             node_id,
             publisher,
             claims,
+            holder_without_pod_info: None,
         }
+    }
+
+    /// For COs that send no pod info (`--standalone`: local use, csi-sanity, COs other
+    /// than Kubernetes): an exclusive volume published without
+    /// `csi.storage.k8s.io/pod.uid` is claimed for "this node's workload" rather than
+    /// refused. The lock then keeps other nodes out but lets every target on this node
+    /// share the claim. In a cluster the CSIDriver's podInfoOnMount always supplies the
+    /// UID, and a missing one is a setup error that must not quietly weaken the lock,
+    /// so cluster mode keeps refusing.
+    pub fn claim_without_pod_info(mut self) -> Self {
+        self.holder_without_pod_info = Some(format!("node:{}", self.node_id));
+        self
     }
 
     pub fn into_server(self) -> NodeServer<Self> {
@@ -227,9 +243,13 @@ impl NodeService {
             return PublishAttempt::Done(Err(Status::from(e)));
         }
         let (gate, claim_taken) = if meta.params.exclusive {
-            let pod_uid = match pod_uid(&id, &req.volume_context) {
-                Ok(uid) => uid,
-                Err(e) => return PublishAttempt::Done(Err(Status::from(e))),
+            let pod_uid = match (
+                pod_uid(&id, &req.volume_context),
+                &self.holder_without_pod_info,
+            ) {
+                (Ok(uid), _) => uid,
+                (Err(_), Some(holder)) => holder.clone(),
+                (Err(e), None) => return PublishAttempt::Done(Err(Status::from(e))),
             };
             let publisher = self.publisher.clone();
             let volume = plan.volume.clone();

@@ -135,7 +135,10 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     ));
     let retry_task = tokio::spawn(claims::run_release_retries(session.clone(), release_queue));
 
-    let node = NodeService::new(config.node_id.clone(), publisher.clone(), book.clone());
+    let mut node = NodeService::new(config.node_id.clone(), publisher.clone(), book.clone());
+    if config.standalone {
+        node = node.claim_without_pod_info();
+    }
     let readiness = Readiness::new();
     let identity = IdentityService::new(true, readiness.clone());
 

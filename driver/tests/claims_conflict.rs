@@ -227,11 +227,12 @@ async fn non_exclusive_volumes_take_no_claim() {
 
 #[tokio::test]
 async fn exclusive_publish_needs_the_pod_uid_and_a_context_that_matches_the_volume() {
-    let plugin = Plugin::start_standalone().await;
-    let mut node = holdfast_core::csi::v1::node_client::NodeClient::new(plugin.channel().await);
-    let id = create_volume_in(&plugin.root, "pv-ctx", &[("dataPath", "bind")]);
-    let target = plugin.target();
-
+    // Cluster mode: a publish without the pod's UID is a CSIDriver set-up error
+    // (podInfoOnMount), refused rather than claimed more loosely.
+    let cluster = Plugin::start_node_only().await;
+    let mut node = holdfast_core::csi::v1::node_client::NodeClient::new(cluster.channel().await);
+    let id = create_volume_in(&cluster.root, "pv-ctx", &[("dataPath", "bind")]);
+    let target = cluster.target();
     let mut request = publish_for(&id, &target, "pod-1");
     request.volume_context.remove(POD_UID_KEY);
     let err = node.node_publish_volume(request).await.unwrap_err();
@@ -242,6 +243,32 @@ async fn exclusive_publish_needs_the_pod_uid_and_a_context_that_matches_the_volu
         err.message()
     );
     assert!(!target.exists());
+
+    // Standalone (COs without pod info, csi-sanity): the claim goes to the node's
+    // workload, so targets on this node share it and a pod with a UID is refused.
+    let plugin = Plugin::start_standalone().await;
+    let mut node = holdfast_core::csi::v1::node_client::NodeClient::new(plugin.channel().await);
+    let id = create_volume_in(&plugin.root, "pv-ctx", &[("dataPath", "bind")]);
+    let (first, second) = (plugin.target(), plugin.target());
+    for target in [&first, &second] {
+        let mut request = publish_for(&id, target, "unused");
+        request.volume_context.remove(POD_UID_KEY);
+        node.node_publish_volume(request)
+            .await
+            .expect("standalone claims for the node's workload");
+    }
+    let err = node
+        .node_publish_volume(publish_for(&id, &plugin.target(), "pod-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("node:"), "{}", err.message());
+    for target in [&first, &second] {
+        node.node_unpublish_volume(unpublish_request(&id, target))
+            .await
+            .unwrap();
+    }
+    let target = plugin.target();
 
     // volume_context may not switch the lock off: the volume's own metadata holds.
     let mut request = publish_for(&id, &target, "pod-1");

@@ -52,6 +52,10 @@
 //!     --ginkgo.v
 //! ```
 //!
+//! csi-sanity sends no `csi.storage.k8s.io/pod.uid`; `--standalone` then claims an
+//! exclusive volume for the node's workload (cluster mode refuses such a publish), so the
+//! volumes stay exclusive during the run and this suite sends no UID either.
+//!
 //! csi-sanity creates `--csi.mountdir` itself (it must not exist beforehand) and
 //! publishes to `<mountdir>/target`, which the plugin must create and, on unpublish,
 //! remove. Its defaults (10 GiB volumes, expansion by 1 GiB, ten repeats in the

@@ -278,12 +278,9 @@ pub fn publish_request(
         target_path: target.to_string_lossy().into_owned(),
         volume_capability: Some(single_writer()),
         readonly: false,
-        // Exclusive volumes need the pod's UID, which kubelet adds (podInfoOnMount).
-        volume_context: {
-            let mut context = vol.volume_context.clone();
-            context.insert("csi.storage.k8s.io/pod.uid".into(), "sanity-pod".into());
-            context
-        },
+        // No pod UID, as csi-sanity sends none: --standalone claims an exclusive volume
+        // for the node's workload when pod info is missing.
+        volume_context: vol.volume_context.clone(),
         publish_context: publish_context.clone(),
         ..Default::default()
     }
