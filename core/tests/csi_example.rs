@@ -20,28 +20,7 @@ use tonic::transport::Server;
 fn csi_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
-        let mut cargo = std::process::Command::new(env!("CARGO"));
-        // The variables cargo sets for this test, not configuration: left in, they reach
-        // build scripts that watch them (ring's watches CARGO_MANIFEST_DIR and OUT_DIR)
-        // and make the nested build recompile half the dependency tree.
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy();
-            let per_crate = [
-                "CARGO_PKG_",
-                "CARGO_BIN_",
-                "CARGO_MANIFEST_",
-                "CARGO_CRATE_",
-            ];
-            let per_run = [
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "CARGO_RUSTC_CURRENT_DIR",
-                "OUT_DIR",
-            ];
-            if per_crate.iter().any(|p| name.starts_with(p)) || per_run.contains(&&*name) {
-                cargo.env_remove(&*name);
-            }
-        }
+        let mut cargo = holdfast_core::testkit::cargo::cargo_command();
         let status = cargo
             .args(["build", "--quiet", "--workspace", "--example", "csi"])
             .status()

@@ -3,14 +3,13 @@
 //! Cargo gives a test `CARGO_BIN_EXE_*` only for its own package's binaries, so the
 //! node plugin and controller are found beside the running test executable: it lives in
 //! `target/<profile>/deps/`, they in `target/<profile>/`. Before the first use in a
-//! process the harness runs `cargo build -p holdfast-driver -p holdfast-controller`
-//! with that target dir and profile (a no-op when nothing changed), so a test never runs
+//! process the harness runs `cargo build --workspace --bins --tests` with that target
+//! dir and profile (a no-op when nothing changed), so a test never runs
 //! against a stale binary. If cargo is unavailable (a test executable run by hand) or
 //! the build fails, the existing binaries are used and a warning is printed. Set
 //! `HOLDFAST_E2E_NO_BUILD=1` to skip the build.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Once;
 
 static BUILD: Once = Once::new();
@@ -75,18 +74,13 @@ fn build() -> Result<(), String> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .ok_or("no workspace dir")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
+    // `--workspace --bins --tests` resolves features as `cargo test --workspace` does
+    // (dev-dependencies' features included), so a run of the whole suite finds the
+    // binaries it built up to date instead of relinking them with other features.
+    let status = holdfast_core::testkit::cargo::cargo_command()
         .current_dir(workspace)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "holdfast-driver",
-            "-p",
-            "holdfast-controller",
-        ])
-        .args(["--bins", "--profile", profile, "--target-dir"])
+        .args(["build", "--quiet", "--workspace", "--bins", "--tests"])
+        .args(["--profile", profile, "--target-dir"])
         .arg(target_dir)
         .status()
         .map_err(|e| format!("running cargo: {e}"))?;

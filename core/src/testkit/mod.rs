@@ -4,6 +4,8 @@
 //!   pause / resume / kill for fault tests.
 //! - [`conformance`]: the behaviour every [`crate::store::LeaseStore`] must show, as one
 //!   suite: `conformance::run(store).await`.
+//! - [`cargo`]: a nested `cargo` for tests that need other binaries built.
 
+pub mod cargo;
 pub mod conformance;
 pub mod etcd;
