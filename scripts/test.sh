@@ -16,4 +16,6 @@ echo "== chart and manifests"
 cargo build --workspace --bins --locked --quiet
 "$venv/bin/python" scripts/deploy-check.py --binaries "${CARGO_TARGET_DIR:-target}/debug"
 echo "== cargo test"
-cargo test --workspace --locked
+# --show-output: the figures tests measure (simulated schedules, takeover latencies,
+# time to EIO) are part of what a run reports.
+cargo test --workspace --locked -- --show-output
