@@ -44,10 +44,11 @@ async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> Option
 
 #[tokio::test]
 async fn higher_epoch_on_storage_fences_the_holder_with_the_store_cut() {
-    // D = 9 s, margin 1 s: renewals every 3 s, self-fence 8 s after the last one. The
-    // epoch channel must act within one renewal interval, long before the session could
-    // lapse, with etcd answering nothing.
-    let mut p = pair("9s", "1s").await;
+    // D = 30 s, margin 3 s: renewals every 10 s, self-fence 27 s after the last one.
+    // The epoch on storage is polled every second between renewals, so it must act
+    // within about a second (a renewal tick alone would land in that window only 18% of
+    // the time), long before the session could lapse, with etcd answering nothing.
+    let mut p = pair("30s", "3s").await;
     let id = create_volume_in(&p.a.root, "pv-epoch", &[("dataPath", "fuse")]);
     let ta = p.a.target();
     p.node_a
@@ -59,7 +60,7 @@ async fn higher_epoch_on_storage_fences_the_holder_with_the_store_cut() {
 
     p.etcd.pause();
     write_storage_epoch(&p.a.root, &id, ours + 5);
-    let took = eventually(Duration::from_secs(4), || {
+    let took = eventually(Duration::from_millis(1800), || {
         std::fs::write(ta.join("after"), b"x")
             .err()
             .and_then(|e| e.raw_os_error())
