@@ -127,6 +127,7 @@ mod fs;
 mod handles;
 mod inodes;
 mod io_ops;
+pub mod kernel_fence;
 mod meta_ops;
 mod mount;
 mod sys;

@@ -1,0 +1,425 @@
+//! The two BPF LSM programs of the fence, assembled instruction by instruction.
+//!
+//! `file_permission` runs on every read, write, readdir, splice, copy and fallocate in the
+//! system; it looks the file's superblock device up in the guards map and refuses the
+//! access once the guard's deadline (CLOCK_BOOTTIME) has passed, or — for a FUSE guard —
+//! once the FUSE connection is gone. `mmap_file` refuses shared mappings of writable
+//! files on passthrough inodes (their page faults would reach the backing file without a
+//! syscall) and every mapping on an expired guard.
+//!
+//! Member offsets come from the running kernel's BTF ([`KernelLayout`]), so the programs
+//! fit whatever kernel they are loaded into; the verifier checks every load against the
+//! same BTF.
+
+use super::btf::{Btf, Field};
+use super::KernelFenceError;
+
+/// One eBPF instruction, in the kernel's layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Insn {
+    code: u8,
+    /// dst register in the low 4 bits, src register in the high 4 bits.
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+// Instruction classes and fields (linux/bpf.h, linux/bpf_common.h).
+const LD: u8 = 0x00;
+const LDX: u8 = 0x01;
+const ST: u8 = 0x02;
+const STX: u8 = 0x03;
+const JMP: u8 = 0x05;
+const ALU64: u8 = 0x07;
+const MEM: u8 = 0x60;
+const IMM: u8 = 0x00;
+const K: u8 = 0x00;
+const X: u8 = 0x08;
+const W: u8 = 0x00;
+const H: u8 = 0x08;
+const B: u8 = 0x10;
+const DW: u8 = 0x18;
+const ADD: u8 = 0x00;
+const AND: u8 = 0x50;
+const MOV: u8 = 0xb0;
+const JEQ: u8 = 0x10;
+const JGE: u8 = 0x30;
+const JNE: u8 = 0x50;
+const CALL: u8 = 0x80;
+const EXIT: u8 = 0x90;
+const PSEUDO_MAP_FD: u8 = 1;
+
+const R0: u8 = 0;
+const R1: u8 = 1;
+const R2: u8 = 2;
+const R3: u8 = 3;
+const R6: u8 = 6;
+const R7: u8 = 7;
+const R8: u8 = 8;
+const R9: u8 = 9;
+const FP: u8 = 10;
+
+const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
+const HELPER_PROBE_READ_KERNEL: i32 = 113;
+const HELPER_KTIME_GET_BOOT_NS: i32 = 125;
+
+const EIO: i32 = 5;
+const EACCES: i32 = 13;
+const ENOTCONN: i32 = 107;
+
+/// Guard value flag: the filesystem is a FUSE mount; refuse once its connection is gone.
+pub(super) const GUARD_FUSE: u32 = 1;
+
+/// The maps the programs read, by fd (the kernel swaps each fd for its map at load):
+/// guards (u32 dev → {u64 deadline_ns, u32 flags, u32 pad}) and passthrough inodes
+/// ({u32 dev, u32 pad, u64 ino} → u32).
+pub(super) struct Maps {
+    pub guards: i32,
+    pub passthrough: i32,
+}
+
+/// Member offsets and hook ids of the running kernel.
+#[derive(Clone, Debug)]
+pub(super) struct KernelLayout {
+    pub file_permission_id: u32,
+    pub mmap_file_id: u32,
+    f_inode: Field,
+    f_mode: Field,
+    i_sb: Field,
+    i_ino: Field,
+    s_dev: Field,
+    s_fs_info: Field,
+    fm_fc: Field,
+    fc_connected: Field,
+}
+
+fn expect(
+    f: Field,
+    what: &str,
+    size: u32,
+    pointee: Option<&str>,
+) -> Result<Field, KernelFenceError> {
+    if f.size != size || f.pointee.as_deref() != pointee {
+        return Err(KernelFenceError::Btf(format!(
+            "{what}: expected {size} bytes{}, found {f:?}",
+            pointee
+                .map(|p| format!(" pointing to struct {p}"))
+                .unwrap_or_default()
+        )));
+    }
+    Ok(f)
+}
+
+impl KernelLayout {
+    pub(super) fn from_btf(btf: &Btf) -> Result<KernelLayout, KernelFenceError> {
+        let (file_permission_id, perm_args) = btf.func("bpf_lsm_file_permission")?;
+        let (mmap_file_id, mmap_args) = btf.func("bpf_lsm_mmap_file")?;
+        if (perm_args, mmap_args) != (2, 4) {
+            return Err(KernelFenceError::Btf(format!(
+                "hook arities changed: file_permission {perm_args}, mmap_file {mmap_args}"
+            )));
+        }
+        Ok(KernelLayout {
+            file_permission_id,
+            mmap_file_id,
+            f_inode: expect(
+                btf.field("file", "f_inode")?,
+                "file.f_inode",
+                8,
+                Some("inode"),
+            )?,
+            f_mode: expect(btf.field("file", "f_mode")?, "file.f_mode", 4, None)?,
+            i_sb: expect(
+                btf.field("inode", "i_sb")?,
+                "inode.i_sb",
+                8,
+                Some("super_block"),
+            )?,
+            i_ino: expect(btf.field("inode", "i_ino")?, "inode.i_ino", 8, None)?,
+            s_dev: expect(
+                btf.field("super_block", "s_dev")?,
+                "super_block.s_dev",
+                4,
+                None,
+            )?,
+            s_fs_info: expect(
+                btf.field("super_block", "s_fs_info")?,
+                "super_block.s_fs_info",
+                8,
+                None,
+            )?,
+            fm_fc: expect(
+                btf.field("fuse_mount", "fc")?,
+                "fuse_mount.fc",
+                8,
+                Some("fuse_conn"),
+            )?,
+            fc_connected: expect(
+                btf.field("fuse_conn", "connected")?,
+                "fuse_conn.connected",
+                4,
+                None,
+            )?,
+        })
+    }
+}
+
+/// An instruction list with forward jumps to named labels.
+#[derive(Default)]
+struct Asm {
+    insns: Vec<Insn>,
+    labels: Vec<(&'static str, usize)>,
+    jumps: Vec<(usize, &'static str)>,
+}
+
+fn field_off(f: &Field) -> i16 {
+    f.offset as i16
+}
+
+fn size_code(size: u32) -> u8 {
+    match size {
+        1 => B,
+        2 => H,
+        4 => W,
+        _ => DW,
+    }
+}
+
+impl Asm {
+    fn raw(&mut self, code: u8, dst: u8, src: u8, off: i16, imm: i32) -> &mut Self {
+        self.insns.push(Insn {
+            code,
+            regs: dst | (src << 4),
+            off,
+            imm,
+        });
+        self
+    }
+    fn label(&mut self, name: &'static str) -> &mut Self {
+        self.labels.push((name, self.insns.len()));
+        self
+    }
+    /// dst = *(size *)(src + off)
+    fn load(&mut self, dst: u8, src: u8, off: i16, size: u32) -> &mut Self {
+        self.raw(LDX | MEM | size_code(size), dst, src, off, 0)
+    }
+    fn load_field(&mut self, dst: u8, src: u8, f: &Field) -> &mut Self {
+        self.load(dst, src, field_off(f), f.size)
+    }
+    /// *(size *)(dst + off) = src
+    fn store(&mut self, dst: u8, off: i16, src: u8, size: u32) -> &mut Self {
+        self.raw(STX | MEM | size_code(size), dst, src, off, 0)
+    }
+    /// *(size *)(dst + off) = imm
+    fn store_imm(&mut self, dst: u8, off: i16, imm: i32, size: u32) -> &mut Self {
+        self.raw(ST | MEM | size_code(size), dst, 0, off, imm)
+    }
+    fn mov(&mut self, dst: u8, src: u8) -> &mut Self {
+        self.raw(ALU64 | MOV | X, dst, src, 0, 0)
+    }
+    fn mov_imm(&mut self, dst: u8, imm: i32) -> &mut Self {
+        self.raw(ALU64 | MOV | K, dst, 0, 0, imm)
+    }
+    fn add_imm(&mut self, dst: u8, imm: i32) -> &mut Self {
+        self.raw(ALU64 | ADD | K, dst, 0, 0, imm)
+    }
+    fn and_imm(&mut self, dst: u8, imm: i32) -> &mut Self {
+        self.raw(ALU64 | AND | K, dst, 0, 0, imm)
+    }
+    /// dst = pointer to the map behind `fd` (a two-slot LD_IMM64 the kernel rewrites).
+    fn load_map(&mut self, dst: u8, fd: i32) -> &mut Self {
+        self.raw(LD | IMM | DW, dst, PSEUDO_MAP_FD, 0, fd);
+        self.raw(0, 0, 0, 0, 0)
+    }
+    fn call(&mut self, helper: i32) -> &mut Self {
+        self.raw(JMP | CALL, 0, 0, 0, helper)
+    }
+    fn jump_imm(&mut self, op: u8, dst: u8, imm: i32, to: &'static str) -> &mut Self {
+        self.jumps.push((self.insns.len(), to));
+        self.raw(JMP | op | K, dst, 0, 0, imm)
+    }
+    fn jump_reg(&mut self, op: u8, dst: u8, src: u8, to: &'static str) -> &mut Self {
+        self.jumps.push((self.insns.len(), to));
+        self.raw(JMP | op | X, dst, src, 0, 0)
+    }
+    fn ret(&mut self, value: i32) -> &mut Self {
+        self.mov_imm(R0, value);
+        self.raw(JMP | EXIT, 0, 0, 0, 0)
+    }
+    fn finish(mut self) -> Vec<Insn> {
+        for (at, to) in &self.jumps {
+            let target = self
+                .labels
+                .iter()
+                .find(|(name, _)| name == to)
+                .unwrap_or_else(|| panic!("undefined label {to}"))
+                .1;
+            self.insns[*at].off = (target as i64 - *at as i64 - 1) as i16;
+        }
+        self.insns
+    }
+}
+
+/// `r9 = file->f_inode->i_sb` for the file in `file` (a BTF pointer; every load on it
+/// is a checked kernel read, so a NULL on the way reads as 0 rather than faulting).
+fn load_sb(a: &mut Asm, l: &KernelLayout, file: u8) {
+    a.load_field(R2, file, &l.f_inode)
+        .load_field(R9, R2, &l.i_sb);
+}
+
+/// `r0 = guards[dev]` with the dev key stored at `fp + key_at`.
+fn lookup_guard(a: &mut Asm, maps: &Maps, dev: u8, key_at: i16) {
+    a.store(FP, key_at, dev, 4)
+        .mov(R2, FP)
+        .add_imm(R2, key_at as i32)
+        .load_map(R1, maps.guards)
+        .call(HELPER_MAP_LOOKUP_ELEM);
+}
+
+/// `file_permission(struct file *file, int mask)`.
+pub(super) fn file_permission(l: &KernelLayout, maps: &Maps) -> Vec<Insn> {
+    let mut a = Asm::default();
+    a.load(R6, R1, 0, 8).jump_imm(JEQ, R6, 0, "allow");
+    load_sb(&mut a, l, R6);
+    a.load_field(R3, R9, &l.s_dev);
+    lookup_guard(&mut a, maps, R3, -4);
+    a.jump_imm(JEQ, R0, 0, "allow")
+        .load(R7, R0, 0, 8) // deadline_ns
+        .load(R8, R0, 8, 4) // flags
+        .and_imm(R8, GUARD_FUSE as i32)
+        .jump_imm(JEQ, R8, 0, "deadline");
+    // FUSE guard: s_fs_info is the superblock's struct fuse_mount (a void * to BTF, so a
+    // plain number here); read fuse_mount.fc and fuse_conn.connected with checked reads.
+    // A failed read counts as "disconnected": the fence fails closed.
+    a.load_field(R3, R9, &l.s_fs_info)
+        .add_imm(R3, l.fm_fc.offset as i32)
+        .mov(R1, FP)
+        .add_imm(R1, -16)
+        .mov_imm(R2, 8)
+        .call(HELPER_PROBE_READ_KERNEL)
+        .jump_imm(JNE, R0, 0, "notconn")
+        .load(R3, FP, -16, 8)
+        .add_imm(R3, l.fc_connected.offset as i32)
+        .mov(R1, FP)
+        .add_imm(R1, -24)
+        .mov_imm(R2, 4)
+        .call(HELPER_PROBE_READ_KERNEL)
+        .jump_imm(JNE, R0, 0, "notconn")
+        .load(R1, FP, -24, 4)
+        .jump_imm(JEQ, R1, 0, "notconn");
+    a.label("deadline")
+        .call(HELPER_KTIME_GET_BOOT_NS)
+        .jump_reg(JGE, R0, R7, "expired");
+    a.label("allow").ret(0);
+    a.label("notconn").ret(-ENOTCONN);
+    a.label("expired").ret(-EIO);
+    a.finish()
+}
+
+/// `mmap_file(struct file *file, unsigned long reqprot, unsigned long prot,
+/// unsigned long flags)`.
+pub(super) fn mmap_file(l: &KernelLayout, maps: &Maps) -> Vec<Insn> {
+    mmap_file_with_flags_at(l, maps, 3)
+}
+
+/// [`mmap_file`] reading the mmap flags from argument `flags_arg` (the tests load it on
+/// a hook with fewer arguments to have the verifier check it).
+fn mmap_file_with_flags_at(l: &KernelLayout, maps: &Maps, flags_arg: i16) -> Vec<Insn> {
+    let mut a = Asm::default();
+    a.load(R6, R1, 0, 8)
+        .load(R7, R1, 8 * flags_arg, 8) // flags
+        .jump_imm(JEQ, R6, 0, "allow"); // anonymous mapping
+    a.load_field(R2, R6, &l.f_inode)
+        .load_field(R8, R2, &l.i_ino);
+    load_sb(&mut a, l, R6);
+    a.load_field(R9, R9, &l.s_dev);
+    // A shared mapping of a file open for writing on a passthrough inode: its page
+    // faults would write the backing file with no syscall the fence sees.
+    a.mov(R1, R7)
+        .and_imm(R1, libc::MAP_SHARED)
+        .jump_imm(JEQ, R1, 0, "deadline")
+        .load_field(R1, R6, &l.f_mode)
+        .and_imm(R1, FMODE_WRITE)
+        .jump_imm(JEQ, R1, 0, "deadline")
+        .store(FP, -16, R9, 4)
+        .store_imm(FP, -12, 0, 4)
+        .store(FP, -8, R8, 8)
+        .mov(R2, FP)
+        .add_imm(R2, -16)
+        .load_map(R1, maps.passthrough)
+        .call(HELPER_MAP_LOOKUP_ELEM)
+        .jump_imm(JNE, R0, 0, "refused");
+    a.label("deadline");
+    lookup_guard(&mut a, maps, R9, -20);
+    a.jump_imm(JEQ, R0, 0, "allow")
+        .load(R6, R0, 0, 8)
+        .call(HELPER_KTIME_GET_BOOT_NS)
+        .jump_reg(JGE, R0, R6, "expired");
+    a.label("allow").ret(0);
+    a.label("refused").ret(-EACCES);
+    a.label("expired").ret(-EIO);
+    a.finish()
+}
+
+/// `file->f_mode` bit of a file open for writing.
+const FMODE_WRITE: i32 = 0x2;
+
+#[cfg(test)]
+mod tests {
+    use super::super::syscall;
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn jumps_resolve_forward() {
+        let mut a = Asm::default();
+        a.jump_imm(JEQ, R1, 0, "end").mov_imm(R0, 1).load_map(R1, 7);
+        a.label("end").ret(0);
+        let insns = a.finish();
+        assert_eq!(insns[0].off, 3, "skips mov and the two LD_IMM64 slots");
+        assert_eq!(insns[2].regs, R1 | (PSEUDO_MAP_FD << 4));
+        assert_eq!(insns[2].imm, 7);
+        assert_eq!(std::mem::size_of::<Insn>(), 8);
+    }
+
+    /// The verifier checks both programs against the running kernel's BTF. They are
+    /// loaded as BTF tracepoint programs on a tracepoint whose first argument is also a
+    /// `struct file *`: the same typed context, pointer walks, map and helper calls,
+    /// without needing the kernel to allow LSM attachment (some builds refuse it).
+    #[test]
+    fn both_programs_pass_the_verifier() {
+        const TRACEPOINT: &str = "btf_trace_file_check_and_advance_wb_err";
+        const BPF_PROG_TYPE_TRACING: u32 = 26;
+        const BPF_TRACE_RAW_TP: u32 = 23;
+        let Ok(btf) = Btf::load_vmlinux() else {
+            eprintln!("SKIP: no kernel BTF");
+            return;
+        };
+        let layout = KernelLayout::from_btf(&btf).expect("kernel layout");
+        let Some(btf_id) = btf.typedef(TRACEPOINT) else {
+            eprintln!("SKIP: this kernel has no tracepoint {TRACEPOINT}");
+            return;
+        };
+        let guards = syscall::map_create("t_guards", 4, 16, 16).unwrap();
+        let passthrough = syscall::map_create("t_passthrough", 16, 4, 16).unwrap();
+        let maps = Maps {
+            guards: guards.as_raw_fd(),
+            passthrough: passthrough.as_raw_fd(),
+        };
+        let target = syscall::Target {
+            prog_type: BPF_PROG_TYPE_TRACING,
+            attach_type: BPF_TRACE_RAW_TP,
+            btf_id,
+        };
+        for (name, insns) in [
+            ("file_permission", file_permission(&layout, &maps)),
+            // The tracepoint has two arguments: read the flags from the second.
+            ("mmap_file", mmap_file_with_flags_at(&layout, &maps, 1)),
+        ] {
+            if let Err((e, log)) = syscall::prog_load(name, &insns, target) {
+                panic!("verifier rejected {name}: {e}\n{log}");
+            }
+        }
+    }
+}

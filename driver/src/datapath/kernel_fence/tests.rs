@@ -1,0 +1,442 @@
+//! The fence against the real kernel: real BPF LSM programs, real tmpfs mounts, real
+//! syscalls, a real paused process. Skipped (with the reason printed) only when BPF LSM
+//! is not active on this kernel.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// Opens the fence at `pins`, or prints why this kernel cannot run it and returns None:
+/// BPF LSM is not in the active LSM list, or the kernel refuses to load LSM programs at
+/// all (some builds forbid trampoline-attached programs; the verifier never runs — the
+/// programs themselves are checked by `program::tests::both_programs_pass_the_verifier`).
+/// Any other failure fails the test.
+fn open_or_skip(test: &str, pins: &TestPins) -> Option<KernelFence> {
+    if !KernelFence::lsm_active() {
+        eprintln!(
+            "SKIP {test}: BPF LSM is not active (`bpf` missing from /sys/kernel/security/lsm)"
+        );
+        return None;
+    }
+    match KernelFence::open(&pins.0) {
+        Ok(fence) => Some(fence),
+        Err(e @ KernelFenceError::LsmRefused { .. }) => {
+            eprintln!("SKIP {test}: {e}");
+            None
+        }
+        Err(e) => panic!("{test}: open the kernel fence: {e}"),
+    }
+}
+
+/// Boot-time now in ns (CLOCK_BOOTTIME, what the programs compare against).
+fn now_ns() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn sleep_until_boot_ns(t: u64) {
+    let now = now_ns();
+    if t > now {
+        std::thread::sleep(Duration::from_nanos(t - now));
+    }
+}
+
+/// A pin directory of this test alone; its pins are removed on drop, so the programs
+/// detach once the fds of the test's `KernelFence`s close too.
+struct TestPins(PathBuf);
+
+impl TestPins {
+    fn new() -> TestPins {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        TestPins(PathBuf::from(format!(
+            "/sys/fs/bpf/holdfast-test-{}-{n}",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A small tmpfs of its own, mounted on a temporary directory.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn new() -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let target = CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid NUL-terminated strings for the duration of the call.
+        let r = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"size=8m".as_ptr().cast(),
+            )
+        };
+        assert_eq!(r, 0, "mount tmpfs: {}", io::Error::last_os_error());
+        Tmpfs { dir }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn dev(&self) -> u64 {
+        std::fs::metadata(self.dir.path()).unwrap().dev()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let target = CString::new(self.dir.path().as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+fn open_rw(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap()
+}
+
+fn errno<T>(r: io::Result<T>) -> Option<i32> {
+    r.err().map(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+/// `Ok` if both a write and a read of `f` succeed, else the errnos.
+fn io_result(f: &File) -> Result<(), (Option<i32>, Option<i32>)> {
+    let w = errno(f.write_at(b"data", 0));
+    let r = errno(f.read_at(&mut [0u8; 4], 0));
+    if w.is_none() && r.is_none() {
+        Ok(())
+    } else {
+        Err((w, r))
+    }
+}
+
+const EIO: Option<i32> = Some(libc::EIO);
+
+#[test]
+fn kernel_dev_is_mkdev_of_major_and_minor() {
+    assert_eq!(kernel_dev(libc::makedev(8, 1)).unwrap(), (8 << 20) | 1);
+    assert_eq!(kernel_dev(libc::makedev(0, 0x12345)).unwrap(), 0x12345);
+    assert_eq!(
+        kernel_dev(libc::makedev(259, 0xfff)).unwrap(),
+        (259 << 20) | 0xfff
+    );
+    assert!(matches!(
+        kernel_dev(libc::makedev(5000, 0)),
+        Err(KernelFenceError::BadDevice { .. })
+    ));
+    let v = guard_value(0x1122_3344_5566_7788, true);
+    assert_eq!(
+        u64::from_ne_bytes(v[..8].try_into().unwrap()),
+        0x1122_3344_5566_7788
+    );
+    assert_eq!(u32::from_ne_bytes(v[8..12].try_into().unwrap()), 1);
+    assert_eq!(&v[12..], &[0; 4]);
+}
+
+#[test]
+fn expired_guard_refuses_read_and_write_until_renewed_or_removed() {
+    let pins = TestPins::new();
+    let Some(fence) = open_or_skip(
+        "expired_guard_refuses_read_and_write_until_renewed_or_removed",
+        &pins,
+    ) else {
+        return;
+    };
+    let (fs, other) = (Tmpfs::new(), Tmpfs::new());
+    let (file, other_file) = (open_rw(&fs.path("data")), open_rw(&other.path("data")));
+
+    let deadline = now_ns() + 300_000_000;
+    fence.guard(fs.dev(), deadline, false).unwrap();
+    assert_eq!(fence.guard_of(fs.dev()), Some((deadline, false)));
+    assert_eq!(io_result(&file), Ok(()), "before the deadline");
+    sleep_until_boot_ns(deadline + 20_000_000);
+    assert_eq!(io_result(&file), Err((EIO, EIO)), "after the deadline");
+    assert_eq!(
+        io_result(&other_file),
+        Ok(()),
+        "another filesystem is not guarded"
+    );
+
+    fence
+        .guard(fs.dev(), now_ns() + 10_000_000_000, false)
+        .unwrap();
+    assert_eq!(io_result(&file), Ok(()), "renewed");
+    fence.guard(fs.dev(), now_ns() - 1, false).unwrap();
+    assert_eq!(io_result(&file), Err((EIO, EIO)), "expired again");
+    fence.unguard(fs.dev()).unwrap();
+    assert_eq!(io_result(&file), Ok(()), "unguarded");
+    assert_eq!(fence.guard_of(fs.dev()), None);
+    fence.unguard(fs.dev()).expect("unguarding twice is fine");
+}
+
+#[test]
+fn deadline_zero_fences_every_checked_access_at_once() {
+    let pins = TestPins::new();
+    let Some(fence) = open_or_skip("deadline_zero_fences_every_checked_access_at_once", &pins)
+    else {
+        return;
+    };
+    let fs = Tmpfs::new();
+    let mut file = open_rw(&fs.path("data"));
+    file.write_all(b"before").unwrap();
+    fence.guard(fs.dev(), 0, false).unwrap();
+
+    assert_eq!(errno(file.write(b"x")), EIO);
+    assert_eq!(
+        errno(File::open(fs.path("data")).unwrap().read(&mut [0u8; 8])),
+        EIO
+    );
+    let listing = std::fs::read_dir(fs.dir.path()).unwrap().next();
+    assert_eq!(listing.map(errno), Some(EIO), "readdir");
+    // SAFETY: a fresh mapping request; the result is only checked, never dereferenced.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_eq!(map, libc::MAP_FAILED, "mmap on an expired guard");
+    assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EIO));
+}
+
+#[test]
+fn paused_writer_gets_eio_on_its_first_write_after_the_deadline() {
+    let pins = TestPins::new();
+    let Some(fence) = open_or_skip(
+        "paused_writer_gets_eio_on_its_first_write_after_the_deadline",
+        &pins,
+    ) else {
+        return;
+    };
+    let fs = Tmpfs::new();
+    let path = fs.path("log");
+    let deadline = now_ns() + 500_000_000;
+    fence.guard(fs.dev(), deadline, false).unwrap();
+
+    // Appends fixed-size records until a write fails, then exits 7.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec 3>>"$1"; i=0; while :; do printf '%08d\n' $i >&3 || exit 7; i=$((i+1)); done"#)
+        .arg("sh")
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let size = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let started = Instant::now();
+    while size() < 90 && started.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: plain signal and wait on our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let mut status = 0;
+    // SAFETY: as above; WUNTRACED reports the stop without reaping the child.
+    assert_eq!(
+        unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) },
+        pid
+    );
+    assert!(libc::WIFSTOPPED(status), "child stopped");
+    let at_stop = size();
+    assert!(
+        now_ns() < deadline,
+        "the writer was stopped before its deadline"
+    );
+    assert!(at_stop >= 90, "the writer wrote before it was stopped");
+
+    // Nobody in user space acts on the deadline: the kernel alone refuses the next write.
+    sleep_until_boot_ns(deadline + 100_000_000);
+    // SAFETY: plain signal to our own child.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let resumed = Instant::now();
+    let exit = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if resumed.elapsed() > Duration::from_secs(3) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the writer kept writing after its deadline ({} bytes)",
+                size()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(exit.code(), Some(7), "the writer's next write failed");
+    assert_eq!(
+        size(),
+        at_stop,
+        "no byte written after the deadline reached the file"
+    );
+    let text = std::fs::read_to_string(&path);
+    assert_eq!(errno(text), EIO, "reads are refused too");
+    fence.unguard(fs.dev()).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.lines()
+            .enumerate()
+            .all(|(i, l)| l == format!("{i:08}")),
+        "whole records only"
+    );
+}
+
+#[test]
+fn pinned_fence_outlives_its_opener_and_is_reused() {
+    let pins = TestPins::new();
+    let Some(first) = open_or_skip("pinned_fence_outlives_its_opener_and_is_reused", &pins) else {
+        return;
+    };
+    let fs = Tmpfs::new();
+    let file = open_rw(&fs.path("data"));
+    let deadline = now_ns() + 300_000_000;
+    first.guard(fs.dev(), deadline, false).unwrap();
+    drop(first); // every fd of the first opener is closed here
+    assert_eq!(io_result(&file), Ok(()));
+    sleep_until_boot_ns(deadline + 20_000_000);
+    assert_eq!(
+        io_result(&file),
+        Err((EIO, EIO)),
+        "the pinned programs still enforce"
+    );
+
+    let second = KernelFence::open(&pins.0).unwrap();
+    assert_eq!(
+        second.guard_of(fs.dev()),
+        Some((deadline, false)),
+        "same maps reopened"
+    );
+    second
+        .guard(fs.dev(), now_ns() + 10_000_000_000, false)
+        .unwrap();
+    assert_eq!(
+        io_result(&file),
+        Ok(()),
+        "the attached programs read the reopened maps"
+    );
+    let third = KernelFence::open(&pins.0).unwrap();
+    third.guard(fs.dev(), 0, false).unwrap();
+    assert_eq!(io_result(&file), Err((EIO, EIO)));
+    assert_eq!(second.guard_of(fs.dev()), Some((0, false)));
+}
+
+fn mmap_errno(file: &File, prot: i32, flags: i32) -> Option<i32> {
+    // SAFETY: a fresh mapping request at a kernel-chosen address; unmapped at once.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, flags, file.as_raw_fd(), 0) };
+    if p == libc::MAP_FAILED {
+        return io::Error::last_os_error().raw_os_error();
+    }
+    // SAFETY: `p` is the 4096-byte mapping just made.
+    unsafe { libc::munmap(p, 4096) };
+    None
+}
+
+#[test]
+fn shared_writable_mmap_of_a_passthrough_inode_is_refused() {
+    let pins = TestPins::new();
+    let Some(fence) = open_or_skip(
+        "shared_writable_mmap_of_a_passthrough_inode_is_refused",
+        &pins,
+    ) else {
+        return;
+    };
+    let fs = Tmpfs::new();
+    let rw = open_rw(&fs.path("data"));
+    rw.set_len(4096).unwrap();
+    let ro = File::open(fs.path("data")).unwrap();
+    let unmarked = open_rw(&fs.path("other"));
+    unmarked.set_len(4096).unwrap();
+    let ino = rw.metadata().unwrap().ino();
+    let (read_write, shared) = (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED);
+
+    assert_eq!(mmap_errno(&rw, read_write, shared), None, "not marked yet");
+    fence.mark_passthrough(fs.dev(), ino).unwrap();
+    assert_eq!(mmap_errno(&rw, read_write, shared), Some(libc::EACCES));
+    assert_eq!(
+        mmap_errno(&rw, libc::PROT_READ, shared),
+        Some(libc::EACCES),
+        "mprotect could add write"
+    );
+    assert_eq!(
+        mmap_errno(&rw, read_write, libc::MAP_SHARED_VALIDATE),
+        Some(libc::EACCES)
+    );
+    assert_eq!(
+        mmap_errno(&ro, libc::PROT_READ, shared),
+        None,
+        "read-only file"
+    );
+    assert_eq!(
+        mmap_errno(&rw, read_write, libc::MAP_PRIVATE),
+        None,
+        "private copy"
+    );
+    assert_eq!(
+        mmap_errno(&unmarked, read_write, shared),
+        None,
+        "other inode"
+    );
+    fence.unmark_passthrough(fs.dev(), ino).unwrap();
+    assert_eq!(mmap_errno(&rw, read_write, shared), None, "unmarked");
+}
+
+/// On a filesystem that is not FUSE, `s_fs_info` is not a `fuse_mount`: the checked reads
+/// of the "connection" may fail or read garbage. Either way nothing crashes and the
+/// outcome is allowed or `ENOTCONN` — never anything else, and an expired deadline still
+/// refuses. (The FUSE case proper is tested with a real FUSE mount by the data path.)
+#[test]
+fn fuse_guard_on_a_non_fuse_filesystem_fails_closed_or_passes() {
+    let pins = TestPins::new();
+    let Some(fence) = open_or_skip(
+        "fuse_guard_on_a_non_fuse_filesystem_fails_closed_or_passes",
+        &pins,
+    ) else {
+        return;
+    };
+    let fs = Tmpfs::new();
+    let file = open_rw(&fs.path("data"));
+    fence
+        .guard(fs.dev(), now_ns() + 10_000_000_000, true)
+        .unwrap();
+    assert_eq!(fence.guard_of(fs.dev()).map(|g| g.1), Some(true));
+    let w = errno(file.write_at(b"x", 0));
+    assert!(matches!(w, None | Some(libc::ENOTCONN)), "write: {w:?}");
+    fence.guard(fs.dev(), 0, true).unwrap();
+    let w = errno(file.write_at(b"x", 0));
+    assert!(
+        matches!(w, Some(libc::ENOTCONN) | Some(libc::EIO)),
+        "write: {w:?}"
+    );
+}
