@@ -47,6 +47,8 @@ mod pins;
 mod program;
 mod syscall;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 use std::io;

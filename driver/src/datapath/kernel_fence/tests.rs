@@ -1,144 +1,17 @@
 //! The fence against the real kernel: real BPF LSM programs, real tmpfs mounts, real
-//! syscalls, a real paused process. Skipped (with the reason printed) only when BPF LSM
-//! is not active on this kernel.
+//! syscalls, a real paused process. A test that needs the programs attached is skipped,
+//! with the reason printed, only when this kernel cannot run BPF LSM programs at all
+//! ([`open_or_skip`]); the programs still go through the kernel's verifier
+//! ([`both_programs_pass_the_verifier`]).
 
-use std::ffi::CString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use super::test_support::*;
 use super::*;
-
-/// Opens the fence at `pins`, or prints why this kernel cannot run it and returns None:
-/// BPF LSM is not in the active LSM list, or the kernel refuses to load LSM programs at
-/// all (some builds forbid trampoline-attached programs; the verifier never runs — the
-/// programs themselves are checked by `program::tests::both_programs_pass_the_verifier`).
-/// Any other failure fails the test.
-fn open_or_skip(test: &str, pins: &TestPins) -> Option<KernelFence> {
-    if !KernelFence::lsm_active() {
-        eprintln!(
-            "SKIP {test}: BPF LSM is not active (`bpf` missing from /sys/kernel/security/lsm)"
-        );
-        return None;
-    }
-    match KernelFence::open(&pins.0) {
-        Ok(fence) => Some(fence),
-        Err(e @ KernelFenceError::LsmRefused { .. }) => {
-            eprintln!("SKIP {test}: {e}");
-            None
-        }
-        Err(e) => panic!("{test}: open the kernel fence: {e}"),
-    }
-}
-
-/// Boot-time now in ns (CLOCK_BOOTTIME, what the programs compare against).
-fn now_ns() -> u64 {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn sleep_until_boot_ns(t: u64) {
-    let now = now_ns();
-    if t > now {
-        std::thread::sleep(Duration::from_nanos(t - now));
-    }
-}
-
-/// A pin directory of this test alone; its pins are removed on drop, so the programs
-/// detach once the fds of the test's `KernelFence`s close too.
-struct TestPins(PathBuf);
-
-impl TestPins {
-    fn new() -> TestPins {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        TestPins(PathBuf::from(format!(
-            "/sys/fs/bpf/holdfast-test-{}-{n}",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for TestPins {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// A small tmpfs of its own, mounted on a temporary directory.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn new() -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let target = CString::new(dir.path().as_os_str().as_bytes()).unwrap();
-        // SAFETY: valid NUL-terminated strings for the duration of the call.
-        let r = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                c"size=8m".as_ptr().cast(),
-            )
-        };
-        assert_eq!(r, 0, "mount tmpfs: {}", io::Error::last_os_error());
-        Tmpfs { dir }
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-    fn dev(&self) -> u64 {
-        std::fs::metadata(self.dir.path()).unwrap().dev()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let target = CString::new(self.dir.path().as_os_str().as_bytes()).unwrap();
-        // SAFETY: valid NUL-terminated path.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-    }
-}
-
-fn open_rw(path: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .unwrap()
-}
-
-fn errno<T>(r: io::Result<T>) -> Option<i32> {
-    r.err().map(|e| e.raw_os_error().unwrap_or(-1))
-}
-
-/// `Ok` if both a write and a read of `f` succeed, else the errnos.
-fn io_result(f: &File) -> Result<(), (Option<i32>, Option<i32>)> {
-    let w = errno(f.write_at(b"data", 0));
-    let r = errno(f.read_at(&mut [0u8; 4], 0));
-    if w.is_none() && r.is_none() {
-        Ok(())
-    } else {
-        Err((w, r))
-    }
-}
-
-const EIO: Option<i32> = Some(libc::EIO);
 
 #[test]
 fn kernel_dev_is_mkdev_of_major_and_minor() {
@@ -352,17 +225,6 @@ fn pinned_fence_outlives_its_opener_and_is_reused() {
     assert_eq!(second.guard_of(fs.dev()), Some((0, false)));
 }
 
-fn mmap_errno(file: &File, prot: i32, flags: i32) -> Option<i32> {
-    // SAFETY: a fresh mapping request at a kernel-chosen address; unmapped at once.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, flags, file.as_raw_fd(), 0) };
-    if p == libc::MAP_FAILED {
-        return io::Error::last_os_error().raw_os_error();
-    }
-    // SAFETY: `p` is the 4096-byte mapping just made.
-    unsafe { libc::munmap(p, 4096) };
-    None
-}
-
 #[test]
 fn shared_writable_mmap_of_a_passthrough_inode_is_refused() {
     let pins = TestPins::new();
@@ -439,4 +301,47 @@ fn fuse_guard_on_a_non_fuse_filesystem_fails_closed_or_passes() {
         matches!(w, Some(libc::ENOTCONN) | Some(libc::EIO)),
         "write: {w:?}"
     );
+}
+
+/// The verifier checks both programs against the running kernel's BTF. They are
+/// loaded as BTF tracepoint programs on a tracepoint whose first argument is also a
+/// `struct file *`: the same typed context, pointer walks, map and helper calls,
+/// without needing the kernel to allow LSM attachment (some builds refuse it).
+#[test]
+fn both_programs_pass_the_verifier() {
+    const TRACEPOINT: &str = "btf_trace_file_check_and_advance_wb_err";
+    const BPF_PROG_TYPE_TRACING: u32 = 26;
+    const BPF_TRACE_RAW_TP: u32 = 23;
+    let Ok(btf) = btf::Btf::load_vmlinux() else {
+        eprintln!("SKIP: no kernel BTF");
+        return;
+    };
+    let layout = program::KernelLayout::from_btf(&btf).expect("kernel layout");
+    let Some(btf_id) = btf.typedef(TRACEPOINT) else {
+        eprintln!("SKIP: this kernel has no tracepoint {TRACEPOINT}");
+        return;
+    };
+    let guards = syscall::map_create("t_guards", 4, 16, 16).unwrap();
+    let passthrough = syscall::map_create("t_passthrough", 16, 4, 16).unwrap();
+    let maps = program::Maps {
+        guards: guards.as_raw_fd(),
+        passthrough: passthrough.as_raw_fd(),
+    };
+    let target = syscall::Target {
+        prog_type: BPF_PROG_TYPE_TRACING,
+        attach_type: BPF_TRACE_RAW_TP,
+        btf_id,
+    };
+    for (name, insns) in [
+        ("file_permission", program::file_permission(&layout, &maps)),
+        // The tracepoint has two arguments: read the flags from the second.
+        (
+            "mmap_file",
+            program::mmap_file_with_flags_at(&layout, &maps, 1),
+        ),
+    ] {
+        if let Err((e, log)) = syscall::prog_load(name, &insns, target) {
+            panic!("verifier rejected {name}: {e}\n{log}");
+        }
+    }
 }
