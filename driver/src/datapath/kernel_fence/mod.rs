@@ -40,7 +40,10 @@
 //!   checked; whoever can open the backing directory directly is outside the fence.
 //!
 //! Loading fails (and callers then do not use passthrough) unless `bpf` is in the active
-//! LSM list, the kernel has BTF, and its structs have the layout the programs expect.
+//! LSM list, the kernel has BTF, its structs have the layout the programs expect, and the
+//! kernel build allows trampoline-attached programs at all: some builds refuse every LSM
+//! and fentry program with `EPERM` before the verifier runs, even with `bpf` listed
+//! ([`KernelFenceError::LsmRefused`]).
 
 mod btf;
 mod pins;
