@@ -13,6 +13,7 @@ use holdfast_core::clock::Mono;
 use holdfast_core::lease::VolumeGate;
 
 use super::inodes::InodeTable;
+use super::passthrough::Passthrough;
 use super::FenceAction;
 
 /// How long a parked request sleeps between looks at the gate. The gate has no wake-up
@@ -78,9 +79,21 @@ impl Fence {
         *self.closing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sleeps until the gate closes or the volume is unmounted, whichever comes first.
+    /// The deadline the kernel fence must hold for this volume, as boot-time ns: the
+    /// session's deadline while the gate is open, 0 (stop now) once it is closed or the
+    /// volume is being unmounted. Never later than the gate's own answer.
+    pub fn kernel_deadline_ns(&self) -> u64 {
+        if self.is_closing() || self.gate.stopped_at(Mono::now()).is_some() {
+            return 0;
+        }
+        let deadline = self.gate.session().deadline().0.as_nanos();
+        u64::try_from(deadline).unwrap_or(u64::MAX)
+    }
+
+    /// Sleeps until the gate closes or the volume is unmounted, whichever comes first,
+    /// calling `on_wake` with the session deadline (boot-time ns) at every look.
     /// Returns true if the gate closed.
-    fn wait_for_stop(&self, poll: Duration) -> bool {
+    fn wait_for_stop(&self, poll: Duration, mut on_wake: impl FnMut(u64)) -> bool {
         let mut closing = self.closing.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if *closing {
@@ -90,6 +103,8 @@ impl Fence {
             if self.gate.stopped_at(now).is_some() {
                 return true;
             }
+            let deadline = self.gate.session().deadline().0.as_nanos();
+            on_wake(u64::try_from(deadline).unwrap_or(u64::MAX));
             // Wake exactly at the session deadline, or after `poll` to see an explicit fence.
             let until_deadline = self.gate.session().deadline().since(now);
             let nap = poll.min(until_deadline).max(Duration::from_millis(1));
@@ -105,15 +120,29 @@ impl Fence {
 /// Runs until the gate closes, then invalidates the kernel's cached data and attributes
 /// of every inode the kernel knows, so that no read or stat of this volume is answered
 /// from the page cache after the fence. Returns when done or when the volume unmounts.
+///
+/// Meanwhile it carries every renewal to the kernel fence of a passthrough mount. The
+/// kernel's deadline only ever trails the gate's: if this thread stalls, passthrough I/O
+/// stops early (at the last deadline written), never late.
 pub(super) fn watch(
     fence: Arc<Fence>,
     inodes: Arc<InodeTable>,
+    passthrough: Arc<Passthrough>,
     notifier: Notifier,
     poll: Duration,
 ) {
-    if !fence.wait_for_stop(poll) {
+    let mut written = None;
+    let stopped = fence.wait_for_stop(poll, |deadline| {
+        if written != Some(deadline) && passthrough.enabled() {
+            passthrough.set_deadline(deadline);
+            written = Some(deadline);
+        }
+    });
+    if !stopped {
         return;
     }
+    // An explicit fence stops passthrough I/O now; a passed deadline already did.
+    passthrough.set_deadline(0);
     for ino in inodes.all() {
         if fence.is_closing() {
             return;
@@ -195,7 +224,7 @@ mod tests {
         let fence = Fence::new(VolumeGate::new(session), FenceAction::Error);
         let start = std::time::Instant::now();
         // A long poll: only the deadline itself can end the wait this early.
-        assert!(fence.wait_for_stop(Duration::from_secs(30)));
+        assert!(fence.wait_for_stop(Duration::from_secs(30), |_| {}));
         let waited = start.elapsed();
         assert!(
             waited >= Duration::from_millis(140) && waited < Duration::from_secs(5),

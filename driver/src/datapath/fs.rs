@@ -22,6 +22,7 @@ use super::fence::Fence;
 use super::handles::Handles;
 use super::inodes::InodeTable;
 use super::meta_ops::{Caller, XattrAnswer};
+use super::passthrough::Passthrough;
 use super::FuseOptions;
 
 pub(super) struct VolumeFs {
@@ -34,10 +35,20 @@ pub(super) struct VolumeFs {
     pub(super) umask: u32,
     /// Whether the kernel accepted the writeback cache (set once, in `init`).
     pub(super) writeback: bool,
+    /// Which opens the kernel serves straight from the backing file.
+    pub(super) passthrough: Arc<Passthrough>,
+    /// Whether the kernel accepted passthrough in `init`.
+    pub(super) passthrough_negotiated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl VolumeFs {
-    pub(super) fn new(fence: Arc<Fence>, inodes: Arc<InodeTable>, opts: FuseOptions) -> Self {
+    pub(super) fn new(
+        fence: Arc<Fence>,
+        inodes: Arc<InodeTable>,
+        passthrough: Arc<Passthrough>,
+        passthrough_negotiated: Arc<std::sync::atomic::AtomicBool>,
+        opts: FuseOptions,
+    ) -> Self {
         Self {
             fence,
             inodes,
@@ -46,6 +57,8 @@ impl VolumeFs {
             opts,
             umask: super::sys::process_umask(),
             writeback: false,
+            passthrough,
+            passthrough_negotiated,
         }
     }
 
@@ -109,6 +122,14 @@ impl Filesystem for VolumeFs {
             self.writeback = config
                 .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
                 .is_ok();
+        } else if self.opts.passthrough {
+            // Depth 2: the backing directory may itself be on a stacked filesystem
+            // (overlayfs); nothing is ever stacked on this mount. The kernel does not
+            // combine passthrough with the writeback cache.
+            let ok = config.set_max_stack_depth(2).is_ok()
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok();
+            self.passthrough_negotiated
+                .store(ok, std::sync::atomic::Ordering::SeqCst);
         }
         Ok(())
     }
@@ -283,7 +304,15 @@ impl Filesystem for VolumeFs {
             .pass()
             .and_then(|()| self.open_file(ino.0, flags.0))
         {
-            Ok(fh) => reply.opened(FileHandle(fh), self.open_flags()),
+            Ok(fh) => {
+                let backing = self.passthrough.open(ino.0, fh, flags.0, || {
+                    reply.open_backing(self.passthrough_file(ino.0)?)
+                });
+                match backing {
+                    Some(b) => reply.opened_passthrough(FileHandle(fh), self.open_flags(), &b),
+                    None => reply.opened(FileHandle(fh), self.open_flags()),
+                }
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -362,6 +391,7 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         self.release_file(fh.0);
+        self.passthrough.release(fh.0);
         reply.ok()
     }
 
@@ -528,13 +558,16 @@ impl Filesystem for VolumeFs {
             .pass()
             .and_then(|()| self.create_file(caller(req), parent.0, name, mode, flags));
         match r {
-            Ok((_id, attr, fh)) => reply.created(
-                self.ttl(),
-                &attr,
-                Generation(0),
-                FileHandle(fh),
-                self.open_flags(),
-            ),
+            Ok((id, attr, fh)) => {
+                let backing = self.passthrough.open(id, fh, flags, || {
+                    reply.open_backing(self.passthrough_file(id)?)
+                });
+                let (ttl, fh, flags) = (self.ttl(), FileHandle(fh), self.open_flags());
+                match backing {
+                    Some(b) => reply.created_passthrough(ttl, &attr, Generation(0), fh, flags, &b),
+                    None => reply.created(ttl, &attr, Generation(0), fh, flags),
+                }
+            }
             Err(e) => reply.error(e),
         }
     }

@@ -156,6 +156,27 @@ impl VolumeFs {
         fallocate(&*fd, flags, offset, len).map_err(errno)
     }
 
+    /// The backing file registered with the kernel for passthrough. Opened read-write
+    /// (read-only on a read-only mount) whatever the first open asked for: every later
+    /// passthrough open of the inode shares this one file, and the kernel still checks
+    /// each open's own mode. `O_DSYNC` with write-through, as for the daemon's own fds.
+    pub(super) fn passthrough_file(&self, ino: u64) -> std::io::Result<std::os::fd::OwnedFd> {
+        let os = |e: Errno| std::io::Error::from_raw_os_error(e.code());
+        let inode = self.inodes.get(ino).map_err(os)?;
+        if inode.kind != FileType::RegularFile {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut flags = if self.opts.read_only {
+            OFlags::RDONLY
+        } else {
+            OFlags::RDWR
+        };
+        if self.opts.write_through == Some(true) {
+            flags |= OFlags::DSYNC;
+        }
+        reopen(&inode.fd, flags).map_err(os)
+    }
+
     pub(super) fn release_file(&self, fh: u64) {
         // Closing our fd changes no data; it is done even on a fenced volume so that
         // the kernel can always clean up.

@@ -130,6 +130,7 @@ mod io_ops;
 pub mod kernel_fence;
 mod meta_ops;
 mod mount;
+mod passthrough;
 mod sys;
 
 use std::path::{Path, PathBuf};
@@ -177,6 +178,12 @@ pub struct FuseOptions {
     pub write_through: Option<bool>,
     /// How often the fence watcher looks for an explicit fence between deadlines.
     pub fence_poll: Duration,
+    /// Serve read-only and write-only opens by kernel passthrough when the kernel fence
+    /// (BPF LSM) can guard the mount; see [`passthrough`]. Off by default (opt-in with
+    /// the driver's `--fuse-passthrough`). Never with
+    /// [`FenceAction::Freeze`] (the kernel fence can only fail an access, not park it)
+    /// nor with the writeback cache (the kernel does not combine them).
+    pub passthrough: bool,
 }
 
 impl FuseOptions {
@@ -192,6 +199,7 @@ impl FuseOptions {
             attr_ttl: Duration::from_secs(10),
             write_through: None,
             fence_poll: Duration::from_millis(50),
+            passthrough: false,
         }
     }
 }

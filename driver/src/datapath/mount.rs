@@ -17,13 +17,16 @@ use rustix::mount::{MountFlags, UnmountFlags};
 use super::fence::{self, Fence};
 use super::fs::VolumeFs;
 use super::inodes::InodeTable;
-use super::{DataPathError, FuseOptions};
+use super::kernel_fence::KernelFence;
+use super::passthrough::Passthrough;
+use super::{DataPathError, FenceAction, FuseOptions};
 
 /// A mounted FUSE volume. Dropping it unmounts (prefer [`FuseVolume::unmount`], which
 /// reports errors).
 pub struct FuseVolume {
     target: PathBuf,
     fence: Arc<Fence>,
+    passthrough: Arc<Passthrough>,
     session: Option<BackgroundSession>,
     watcher: Option<JoinHandle<()>>,
 }
@@ -76,7 +79,15 @@ impl FuseVolume {
         );
         let fence = Arc::new(Fence::new(gate, opts.fence_action));
         let inodes = Arc::new(InodeTable::new(root_fd, &root_st));
-        let fs = VolumeFs::new(fence.clone(), inodes.clone(), opts.clone());
+        let passthrough = Arc::new(Passthrough::new());
+        let negotiated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fs = VolumeFs::new(
+            fence.clone(),
+            inodes.clone(),
+            passthrough.clone(),
+            negotiated.clone(),
+            opts.clone(),
+        );
         let mut config = Config::default();
         config.n_threads = Some(opts.threads);
         config.clone_fd = opts.threads > 1;
@@ -89,17 +100,26 @@ impl FuseVolume {
             })?;
 
         tune_bdi(target, &opts);
+        let wanted = opts.passthrough
+            && opts.fence_action == FenceAction::Error
+            && negotiated.load(std::sync::atomic::Ordering::SeqCst);
+        if wanted {
+            guard_mount(target, &fence, &passthrough);
+        } else {
+            clear_stale_guard(target);
+        }
 
         let notifier = session.notifier();
-        let (f, poll) = (fence.clone(), opts.fence_poll);
+        let (f, p, poll) = (fence.clone(), passthrough.clone(), opts.fence_poll);
         let watcher = std::thread::Builder::new()
             .name("holdfast-fence".into())
-            .spawn(move || fence::watch(f, inodes, notifier, poll))
+            .spawn(move || fence::watch(f, inodes, p, notifier, poll))
             .map_err(DataPathError::Session)?;
 
         Ok(FuseVolume {
             target: target.to_owned(),
             fence,
+            passthrough,
             session: Some(session),
             watcher: Some(watcher),
         })
@@ -107,6 +127,12 @@ impl FuseVolume {
 
     pub fn target(&self) -> &Path {
         &self.target
+    }
+
+    /// Whether read-only and write-only opens are served by kernel passthrough (the
+    /// kernel fence guards this mount).
+    pub fn uses_passthrough(&self) -> bool {
+        self.passthrough.enabled()
     }
 
     /// Unmounts: releases parked (frozen) requests with `EIO`, unmounts, and waits for
@@ -122,10 +148,25 @@ impl FuseVolume {
             return Ok(());
         };
         self.fence.close();
+        // Passthrough I/O stops before anything else: from here on no access to a file
+        // of this mount succeeds, whoever still holds it open.
+        self.passthrough.set_deadline(0);
         let result = unmount_target(&self.target);
-        if result.is_ok() {
-            let _ = session.join();
+        match &result {
+            Ok(Unmounted::Clean) => {
+                let _ = session.join();
+                self.passthrough.unguard();
+            }
+            // Files of the mount are still open somewhere: the guard stays (stopped)
+            // until the superblock is gone.
+            Ok(Unmounted::Detached) => {
+                if let Some(dev) = self.passthrough.dev() {
+                    unguard_when_gone(self.passthrough.clone(), minor(dev));
+                }
+            }
+            Err(_) => {}
         }
+        let result = result.map(|_| ());
         // On failure the session threads are left to end with the connection.
         if let Some(w) = self.watcher.take() {
             let _ = w.join();
@@ -177,16 +218,24 @@ fn tune_bdi(target: &Path, opts: &FuseOptions) {
     }
 }
 
-fn unmount_target(target: &Path) -> Result<(), DataPathError> {
+/// How an unmount went.
+enum Unmounted {
+    /// The mount is gone and nothing of it is open.
+    Clean,
+    /// It was busy: detached and its connection aborted; open files linger.
+    Detached,
+}
+
+fn unmount_target(target: &Path) -> Result<Unmounted, DataPathError> {
     let err = |e: rustix::io::Errno| DataPathError::Unmount {
         path: target.to_owned(),
         source: e.into(),
     };
     let dev = stat(target).ok().map(|st| st.st_dev);
     match rustix::mount::unmount(target, UnmountFlags::empty()) {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(Unmounted::Clean),
         // Not mounted (any more): nothing to do.
-        Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => Ok(Unmounted::Clean),
         Err(rustix::io::Errno::BUSY) => {
             rustix::mount::unmount(target, UnmountFlags::DETACH).map_err(err)?;
             if let Some(dev) = dev {
@@ -195,7 +244,7 @@ fn unmount_target(target: &Path) -> Result<(), DataPathError> {
                     source,
                 })?;
             }
-            Ok(())
+            Ok(Unmounted::Detached)
         }
         Err(e) => Err(err(e)),
     }
@@ -210,4 +259,64 @@ pub(super) fn abort_connection(conn: u32) -> std::io::Result<()> {
         let _ = rustix::mount::mount("fusectl", dir, "fusectl", MountFlags::empty(), None);
     }
     std::fs::write(abort, "1")
+}
+
+/// The kernel fence shared by every volume of this process (and, through its pins, by
+/// every plugin process on the node). `None` when BPF LSM is not available: volumes are
+/// then served without passthrough. Opened once; the outcome is logged once.
+fn kernel_fence() -> Option<Arc<KernelFence>> {
+    static FENCE: std::sync::OnceLock<Option<Arc<KernelFence>>> = std::sync::OnceLock::new();
+    FENCE
+        .get_or_init(|| match KernelFence::open(&KernelFence::default_pin_dir()) {
+            Ok(k) => {
+                tracing::info!("kernel fence loaded: FUSE volumes use passthrough");
+                Some(Arc::new(k))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no kernel fence: FUSE volumes are served without passthrough");
+                None
+            }
+        })
+        .clone()
+}
+
+/// Puts the mount under the kernel fence with the gate's current deadline, then allows
+/// passthrough. Any failure leaves passthrough off (every request goes through the gate).
+fn guard_mount(target: &Path, fence: &Fence, passthrough: &Passthrough) {
+    let Some(kf) = kernel_fence() else { return };
+    let Ok(st) = stat(target) else { return };
+    match kf.guard(st.st_dev, fence.kernel_deadline_ns(), true) {
+        Ok(()) => passthrough.enable(kf, st.st_dev),
+        Err(e) => {
+            tracing::warn!(target = %target.display(), error = %e, "kernel fence refused the mount; no passthrough")
+        }
+    }
+}
+
+/// A mount served without passthrough must not inherit the stopped guard a dead mount
+/// of ours left on the same device number.
+fn clear_stale_guard(target: &Path) {
+    if !KernelFence::default_pin_dir().exists() {
+        return; // no kernel fence was ever loaded on this node
+    }
+    let Some(kf) = kernel_fence() else { return };
+    if let Ok(st) = stat(target) {
+        let _ = kf.unguard(st.st_dev);
+    }
+}
+
+/// Removes the (stopped) guard of a detached mount once its FUSE connection, and so its
+/// superblock, is gone: until then a file of it may still be open. If this process ends
+/// first the stopped guard simply stays; it names a device number no live mount of ours
+/// uses, and a later mount that gets the number overwrites it.
+fn unguard_when_gone(passthrough: Arc<Passthrough>, conn: u32) {
+    let dir = Path::new("/sys/fs/fuse/connections").join(conn.to_string());
+    let _ = std::thread::Builder::new()
+        .name("holdfast-unguard".into())
+        .spawn(move || {
+            while dir.exists() {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            passthrough.unguard();
+        });
 }
