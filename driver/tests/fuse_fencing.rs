@@ -7,32 +7,22 @@
 //! re-executed with `HOLDFAST_FUSE_CHILD_*` set, running only [`child_fuse_server`].
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use holdfast_core::clock::Mono;
-use holdfast_core::lease::{FenceCause, SessionDeadline, VolumeGate};
+use holdfast_core::lease::FenceCause;
 use holdfast_driver::datapath::{FenceAction, FuseOptions, FuseVolume};
 
-const CHILD_BACKING: &str = "HOLDFAST_FUSE_CHILD_BACKING";
-const CHILD_TARGET: &str = "HOLDFAST_FUSE_CHILD_TARGET";
-const CHILD_DEADLINE_MS: &str = "HOLDFAST_FUSE_CHILD_DEADLINE_MS";
-const READY: &str = "HOLDFAST_FUSE_READY";
+mod fuse_child;
+use fuse_child::{gate_for, ChildServer};
 
 fn dirs() -> (tempfile::TempDir, tempfile::TempDir) {
     (
         tempfile::tempdir_in("/var/tmp").unwrap(),
         tempfile::tempdir_in("/var/tmp").unwrap(),
     )
-}
-
-fn gate_for(live: Duration) -> VolumeGate {
-    let session = SessionDeadline::new();
-    session.extend_to(Mono::now() + live);
-    VolumeGate::new(session)
 }
 
 fn errno_of<T>(r: std::io::Result<T>) -> Option<i32> {
@@ -184,78 +174,7 @@ fn session_deadline_passing_without_renewal_stops_writes() {
 /// nothing unless started by [`ChildServer::start`].
 #[test]
 fn child_fuse_server() {
-    let (Some(backing), Some(target), Some(ms)) = (
-        std::env::var_os(CHILD_BACKING),
-        std::env::var_os(CHILD_TARGET),
-        std::env::var(CHILD_DEADLINE_MS).ok(),
-    ) else {
-        return;
-    };
-    let gate = gate_for(Duration::from_millis(ms.parse().unwrap()));
-    let vol = FuseVolume::mount(
-        Path::new(&backing),
-        Path::new(&target),
-        gate,
-        FuseOptions::new(FenceAction::Error),
-    )
-    .unwrap();
-    println!("{READY}");
-    std::io::stdout().flush().unwrap();
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-        let _ = &vol;
-    }
-}
-
-struct ChildServer {
-    child: Child,
-    target: std::path::PathBuf,
-    ready_at: Instant,
-}
-
-impl ChildServer {
-    fn start(backing: &Path, target: &Path, deadline: Duration) -> Self {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "child_fuse_server",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env(CHILD_BACKING, backing)
-            .env(CHILD_TARGET, target)
-            .env(CHILD_DEADLINE_MS, deadline.as_millis().to_string())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        loop {
-            let line = lines.next().expect("child exited before mounting").unwrap();
-            if line.contains(READY) {
-                break;
-            }
-        }
-        ChildServer {
-            child,
-            target: target.to_owned(),
-            ready_at: Instant::now(),
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        // The child may already be reaped; the result does not matter here.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::DETACH);
-    }
+    fuse_child::serve_if_child();
 }
 
 #[test]
