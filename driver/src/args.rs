@@ -72,6 +72,14 @@ pub struct Args {
     /// one socket, with an in-memory lease store unless --lease-store says otherwise.
     #[arg(long, env = "HOLDFAST_STANDALONE")]
     pub standalone: bool,
+
+    /// Serve read-only and write-only opens of FUSE volumes by kernel passthrough (near
+    /// bind-mount speed), fenced by BPF LSM programs the plugin pins on /sys/fs/bpf.
+    /// Needs `bpf` in the kernel's active LSMs and a kernel that lets BPF LSM programs
+    /// attach; where the programs cannot be loaded, volumes are served without
+    /// passthrough. Off by default: see "Kernel passthrough" in the README.
+    #[arg(long, env = "HOLDFAST_FUSE_PASSTHROUGH")]
+    pub fuse_passthrough: bool,
 }
 
 /// The checked configuration the plugin runs with.
@@ -86,6 +94,7 @@ pub struct Config {
     pub log_level: String,
     pub log_format: LogFormat,
     pub standalone: bool,
+    pub fuse_passthrough: bool,
 }
 
 impl Args {
@@ -126,6 +135,7 @@ impl Args {
             log_level: self.log_level,
             log_format: self.log_format,
             standalone: self.standalone,
+            fuse_passthrough: self.fuse_passthrough,
         })
     }
 }

@@ -100,7 +100,10 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     // The table first: it says which of a dead predecessor's claims still have a live
     // data path on this node (its bind mounts, kept by kubelet), which recovery must
     // adopt rather than release. Its FUSE targets died with it.
-    let publisher = Arc::new(Publisher::new(backend.clone(), &config.state_dir)?);
+    let publisher = Arc::new(
+        Publisher::new(backend.clone(), &config.state_dir)?
+            .with_fuse_passthrough(config.fuse_passthrough),
+    );
     let surviving: BTreeSet<String> = publisher
         .table()
         .entries()

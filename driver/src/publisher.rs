@@ -56,9 +56,17 @@ pub struct Publisher {
     fuse: Mutex<HashMap<PathBuf, FuseVolume>>,
     fuse_record: FuseTargetsFile,
     pub locks: VolumeLocks,
+    /// Whether FUSE volumes may use kernel passthrough (`--fuse-passthrough`).
+    fuse_passthrough: bool,
 }
 
 impl Publisher {
+    /// Lets FUSE volumes published from now on use kernel passthrough.
+    pub fn with_fuse_passthrough(mut self, on: bool) -> Self {
+        self.fuse_passthrough = on;
+        self
+    }
+
     /// A publisher over `backend`, with the table rebuilt from the mount table: every
     /// bind mount of a volume's data directory, and every FUSE mount recorded in
     /// `state_dir`, is a target published before a restart.
@@ -91,6 +99,7 @@ impl Publisher {
             backend,
             published: Mutex::new(published),
             fuse: Mutex::new(HashMap::new()),
+            fuse_passthrough: false,
             fuse_record,
             locks: VolumeLocks::default(),
         };
@@ -196,6 +205,7 @@ impl Publisher {
             DataPathKind::Fuse => {
                 let opts = FuseOptions {
                     read_only: plan.readonly,
+                    passthrough: self.fuse_passthrough,
                     ..FuseOptions::new(fence_action)
                 };
                 let volume = datapath::mount(data_path, &target, gate, opts)?;
