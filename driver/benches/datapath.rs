@@ -8,6 +8,8 @@
 //! - `seq write total`: MiB/s of create + 256 MiB in 1 MiB `write(2)`s + `fsync` + close.
 //! - `  write(2) phase`, `  fsync phase`: the same run split at the `fsync` call, each as
 //!   256 MiB divided by that phase's time (where the bytes go, not extra work).
+//! - `seq write O_RDWR`: the same write total with the file opened read-write: such an
+//!   open is served by the daemon, not by passthrough (see `datapath::passthrough`).
 //! - `seq read cold`: MiB/s reading that file back in 1 MiB `read(2)`s after `sync` and
 //!   `drop_caches` (every page of both the FUSE and the backing page cache dropped).
 //! - `4k random write+fsync`: ops/s of a 4 KiB `pwrite` at a random aligned offset of a
@@ -23,8 +25,8 @@
 //! workload so neither inherits the other's dirty pages. The ratio column is the median
 //! of those per-round fuse/bind ratios (pairs run seconds apart share the machine's load);
 //! min–max columns show the spread. Knobs for experiments: `HOLDFAST_BENCH_WRITEBACK=1`,
-//! `HOLDFAST_BENCH_WRITE_THROUGH=0|1`, `HOLDFAST_BENCH_THREADS=n`,
-//! `HOLDFAST_BENCH_DIRTY_RATIO=n`, `HOLDFAST_BENCH_ONLY=seq,random,meta,miss`.
+//! `HOLDFAST_BENCH_WRITE_THROUGH=0|1`, `HOLDFAST_BENCH_PASSTHROUGH=0|1`, `HOLDFAST_BENCH_THREADS=n`,
+//! `HOLDFAST_BENCH_DIRTY_RATIO=n`, `HOLDFAST_BENCH_ONLY=seq,seqrw,random,meta,miss`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -42,11 +44,12 @@ const META_FILES: usize = 2000;
 const MISSING_NAMES: usize = 500;
 const MISSING_ROUNDS: usize = 10;
 
-const ROWS: [(&str, &str); 7] = [
+const ROWS: [(&str, &str); 8] = [
     ("seq write total (+fsync)", "MiB/s"),
     ("  write(2) phase", "MiB/s"),
     ("  fsync phase", "MiB/s"),
     ("seq read 1 MiB (cold)", "MiB/s"),
+    ("seq write O_RDWR (+fsync)", "MiB/s"),
     ("4k random write+fsync", "ops/s"),
     ("create/stat/unlink", "ops/s"),
     ("stat of a missing name", "ops/s"),
@@ -55,11 +58,12 @@ const ROWS: [(&str, &str); 7] = [
 /// A workload: the key that selects it, and the rows (indexes into `ROWS`) it fills.
 type Workload = (&'static str, &'static [usize], fn(&Path) -> Vec<f64>);
 
-const WORKLOADS: [Workload; 4] = [
+const WORKLOADS: [Workload; 5] = [
     ("seq", &[0, 1, 2, 3], seq_write_read),
-    ("random", &[4], random_write_fsync),
-    ("meta", &[5], metadata),
-    ("miss", &[6], missing_lookups),
+    ("seqrw", &[4], seq_write_read_write_open),
+    ("random", &[5], random_write_fsync),
+    ("meta", &[6], metadata),
+    ("miss", &[7], missing_lookups),
 ];
 
 #[derive(Default)]
@@ -131,6 +135,28 @@ fn seq_write_read(dir: &Path) -> Vec<f64> {
         mib / fsync_phase,
         mib / read_secs,
     ]
+}
+
+/// MiB/s of the sequential write with the file opened `O_RDWR`.
+fn seq_write_read_write_open(dir: &Path) -> Vec<f64> {
+    let path = dir.join("seqrw");
+    let buf = vec![0x5au8; 1 << 20];
+    let start = Instant::now();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    for _ in 0..SEQ_MIB {
+        f.write_all(&buf).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let total = start.elapsed().as_secs_f64();
+    fs::remove_file(&path).unwrap();
+    vec![SEQ_MIB as f64 / total]
 }
 
 /// ops/s of 4 KiB writes at random aligned offsets, each followed by fsync.
@@ -212,6 +238,9 @@ fn options_from_env() -> FuseOptions {
     if let Some(wt) = env_flag("HOLDFAST_BENCH_WRITE_THROUGH") {
         opts.write_through = Some(wt);
     }
+    if let Some(p) = env_flag("HOLDFAST_BENCH_PASSTHROUGH") {
+        opts.passthrough = p;
+    }
     if let Ok(n) = std::env::var("HOLDFAST_BENCH_THREADS") {
         opts.threads = n.parse().unwrap();
     }
@@ -260,6 +289,14 @@ fn main() {
         opts,
     )
     .expect("FUSE mount");
+    println!(
+        "fuse passthrough (read-only and write-only opens): {}",
+        if volume.uses_passthrough() {
+            "on, kernel fence loaded"
+        } else {
+            "off"
+        }
+    );
     show_bdi(fuse_target.path());
 
     let mut samples: Vec<Samples> = ROWS.iter().map(|_| Samples::default()).collect();
