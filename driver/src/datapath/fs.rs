@@ -309,7 +309,8 @@ impl Filesystem for VolumeFs {
                     reply.open_backing(self.passthrough_file(ino.0)?)
                 });
                 match backing {
-                    Some(b) => reply.opened_passthrough(FileHandle(fh), self.open_flags(), &b),
+                    // The kernel takes no page-cache flags with passthrough.
+                    Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
                     None => reply.opened(FileHandle(fh), self.open_flags()),
                 }
             }
@@ -564,7 +565,10 @@ impl Filesystem for VolumeFs {
                 });
                 let (ttl, fh, flags) = (self.ttl(), FileHandle(fh), self.open_flags());
                 match backing {
-                    Some(b) => reply.created_passthrough(ttl, &attr, Generation(0), fh, flags, &b),
+                    Some(b) => {
+                        let none = FopenFlags::empty();
+                        reply.created_passthrough(ttl, &attr, Generation(0), fh, none, &b)
+                    }
                     None => reply.created(ttl, &attr, Generation(0), fh, flags),
                 }
             }
