@@ -283,6 +283,12 @@ fn kernel_fence() -> Option<Arc<KernelFence>> {
 /// Puts the mount under the kernel fence with the gate's current deadline, then allows
 /// passthrough. Any failure leaves passthrough off (every request goes through the gate).
 fn guard_mount(target: &Path, fence: &Fence, passthrough: &Passthrough) {
+    #[cfg(test)]
+    if tests::UNFENCED.load(std::sync::atomic::Ordering::SeqCst) {
+        let _ = fence;
+        passthrough.enable_unfenced(stat(target).map_or(0, |st| st.st_dev));
+        return;
+    }
     let Some(kf) = kernel_fence() else { return };
     let Ok(st) = stat(target) else { return };
     match kf.guard(st.st_dev, fence.kernel_deadline_ns(), true) {
@@ -319,4 +325,100 @@ fn unguard_when_gone(passthrough: Arc<Passthrough>, conn: u32) {
             }
             passthrough.unguard();
         });
+}
+
+#[cfg(test)]
+mod tests {
+    //! The passthrough plumbing against the real kernel, without the kernel fence (which
+    //! some kernels refuse to run): which opens the kernel serves by passthrough, and that
+    //! it accepts every mode this daemon answers with.
+    use std::fs::{self, File, OpenOptions};
+    use std::io::{Read, Write};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use super::*;
+    use holdfast_core::lease::VolumeGate;
+
+    /// Set by these tests only: mounts enable passthrough with no kernel fence.
+    pub(super) static UNFENCED: AtomicBool = AtomicBool::new(false);
+
+    fn node_id(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path).unwrap().ino()
+    }
+
+    #[test]
+    fn passthrough_serves_read_only_and_write_only_opens_and_the_kernel_accepts_every_mode() {
+        UNFENCED.store(true, std::sync::atomic::Ordering::SeqCst);
+        let backing = tempfile::tempdir_in("/var/tmp").unwrap();
+        let target = tempfile::tempdir_in("/var/tmp").unwrap();
+        let opts = FuseOptions {
+            passthrough: true,
+            ..FuseOptions::new(FenceAction::Error)
+        };
+        let vol = FuseVolume::mount(backing.path(), target.path(), VolumeGate::unclaimed(), opts)
+            .unwrap();
+        assert!(vol.uses_passthrough());
+        let t = |n: &str| target.path().join(n);
+
+        // Created write-only: passthrough; data lands; a read-write open of the same
+        // inode is accepted by the kernel (it must be passthrough too).
+        let mut w = File::create(t("a")).unwrap();
+        w.write_all(b"passthrough").unwrap();
+        let id = node_id(&t("a"));
+        assert!(vol.passthrough.is_passthrough(id));
+        let mut rw = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(t("a"))
+            .unwrap();
+        let mut got = String::new();
+        rw.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "passthrough");
+        let mut ro = File::open(t("a")).unwrap();
+        got.clear();
+        ro.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "passthrough");
+        w.sync_all().unwrap();
+        drop((w, rw, ro));
+        assert_eq!(fs::read(backing.path().join("a")).unwrap(), b"passthrough");
+
+        // Created read-write: served by the daemon, and so are later read-only opens.
+        let mut rw = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(t("b"))
+            .unwrap();
+        rw.write_all(b"daemon").unwrap();
+        let id_b = node_id(&t("b"));
+        assert!(!vol.passthrough.is_passthrough(id_b));
+        assert_eq!(fs::read(t("b")).unwrap(), b"daemon");
+        drop(rw);
+
+        // Once every open of "a" is released the inode leaves passthrough, and a
+        // read-write first open then goes to the daemon. Releases arrive asynchronously.
+        let mut left = false;
+        for _ in 0..200 {
+            if !vol.passthrough.is_passthrough(id) {
+                left = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            left,
+            "the inode stays in passthrough after its last release"
+        );
+        let rw = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(t("a"))
+            .unwrap();
+        assert!(!vol.passthrough.is_passthrough(id));
+        drop(rw);
+        vol.unmount().unwrap();
+    }
 }

@@ -31,9 +31,10 @@ use fuser::BackingId;
 
 use super::kernel_fence::KernelFence;
 
-/// The kernel guard of one mounted volume.
+/// The kernel guard of one mounted volume. `fence` is `None` only in this crate's unit
+/// tests, which check the passthrough plumbing on kernels that cannot run the fence.
 struct Guard {
-    fence: Arc<KernelFence>,
+    fence: Option<Arc<KernelFence>>,
     dev: u64,
 }
 
@@ -72,7 +73,17 @@ impl Passthrough {
     /// Turns passthrough on for this mount: the kernel guard for `dev` (the mount's
     /// device number) must already hold the session's deadline.
     pub fn enable(&self, fence: Arc<KernelFence>, dev: u64) {
-        let _ = self.guard.set(Guard { fence, dev });
+        let _ = self.guard.set(Guard {
+            fence: Some(fence),
+            dev,
+        });
+    }
+
+    /// Passthrough with no kernel fence at all: unsafe for a claim, only for the unit
+    /// tests of the plumbing.
+    #[cfg(test)]
+    pub fn enable_unfenced(&self, dev: u64) {
+        let _ = self.guard.set(Guard { fence: None, dev });
     }
 
     pub fn enabled(&self) -> bool {
@@ -82,7 +93,8 @@ impl Passthrough {
     /// Moves the kernel's deadline for this mount (boot-time ns; 0 stops it at once).
     pub fn set_deadline(&self, deadline_ns: u64) {
         if let Some(g) = self.guard.get() {
-            if let Err(e) = g.fence.guard(g.dev, deadline_ns, true) {
+            let Some(fence) = &g.fence else { return };
+            if let Err(e) = fence.guard(g.dev, deadline_ns, true) {
                 tracing::error!(dev = g.dev, error = %e, "updating the kernel fence failed");
             }
         }
@@ -91,8 +103,12 @@ impl Passthrough {
     /// Removes the kernel guard; only once the mount's superblock is gone (no file of it
     /// can be open any more).
     pub fn unguard(&self) {
-        if let Some(g) = self.guard.get() {
-            let _ = g.fence.unguard(g.dev);
+        if let Some(Guard {
+            fence: Some(fence),
+            dev,
+        }) = self.guard.get()
+        {
+            let _ = fence.unguard(*dev);
         }
     }
 
@@ -160,7 +176,11 @@ impl Passthrough {
         };
         // Marked before the kernel learns of the passthrough open, so no shared writable
         // mapping of it can ever be made.
-        if let Err(e) = g.fence.mark_passthrough(g.dev, ino) {
+        let marked = g
+            .fence
+            .as_ref()
+            .map_or(Ok(()), |f| f.mark_passthrough(g.dev, ino));
+        if let Err(e) = marked {
             tracing::warn!(ino, error = %e, "marking a passthrough inode failed; serving through the daemon");
             return cached;
         }
@@ -193,8 +213,12 @@ impl Passthrough {
             return;
         }
         if let Some(InodeIo::Passthrough { .. }) = inodes.remove(&ino) {
-            if let Some(g) = self.guard.get() {
-                let _ = g.fence.unmark_passthrough(g.dev, ino);
+            if let Some(Guard {
+                fence: Some(fence),
+                dev,
+            }) = self.guard.get()
+            {
+                let _ = fence.unmark_passthrough(*dev, ino);
             }
         }
     }
