@@ -22,6 +22,15 @@
 //! - `mmap_file` refuses every mapping on an expired guard, and a *shared* mapping of a
 //!   file open for writing on an inode marked as passthrough (`EACCES`).
 //!
+//! Guards are keyed by the superblock's device number, and FUSE mounts get anonymous
+//! device numbers, which the kernel hands out again soon after a filesystem is gone. A
+//! guard can outlive its mount (the plugin died while a detached mount still had open
+//! files), so before a FUSE guard refuses anything both programs check that the
+//! superblock really is one of ours: FUSE's magic and the subtype `holdfast` (our mounts
+//! are of type `fuse.holdfast`). A container's overlayfs, a tmpfs or another FUSE
+//! filesystem that inherits the number of a stale guard is left alone.
+//! [`KernelFence::guarded_devs`] lists the guards so that stale ones can be removed.
+//!
 //! The programs and maps are pinned on bpffs ([`KernelFence::default_pin_dir`]): the
 //! links keep the programs attached and the maps keep the guards after the process that
 //! set them exits, crashes or is killed. A restarted plugin reopens the same pins.
@@ -55,7 +64,7 @@ mod test_support;
 mod tests;
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 /// Every failure of the kernel fence. Any of them means: do not use passthrough.
@@ -125,6 +134,20 @@ fn guard_value(deadline_boot_ns: u64, fuse: bool) -> [u8; 16] {
     v
 }
 
+/// The userspace `st_dev` of a kernel `dev_t` (the inverse of [`kernel_dev`]).
+fn st_dev_of(dev: u32) -> u64 {
+    libc::makedev(dev >> 20, dev & 0xf_ffff)
+}
+
+/// The `st_dev` of every key of a guards map.
+fn devs_in_guards_map(guards: BorrowedFd) -> Result<Vec<u64>, KernelFenceError> {
+    let keys = syscall::map_keys(guards, 4).map_err(io_err("list the guards"))?;
+    Ok(keys
+        .iter()
+        .map(|k| st_dev_of(u32::from_ne_bytes(k[..4].try_into().expect("4-byte keys"))))
+        .collect())
+}
+
 /// A passthrough map key: `{u32 dev; u32 pad; u64 ino}`.
 fn inode_key(dev: u32, ino: u64) -> [u8; 16] {
     let mut k = [0u8; 16];
@@ -180,6 +203,12 @@ impl KernelFence {
         let dev = kernel_dev(st_dev)?;
         syscall::map_delete(self.guards.as_fd(), &dev.to_ne_bytes())
             .map_err(io_err(format!("remove the guard of device {st_dev:#x}")))
+    }
+
+    /// The `st_dev` of every guarded filesystem, stale guards included (their mount may
+    /// be gone): what a restarted plugin compares with its mounts to remove stale guards.
+    pub fn guarded_devs(&self) -> Result<Vec<u64>, KernelFenceError> {
+        devs_in_guards_map(self.guards.as_fd())
     }
 
     /// Marks inode `ino` of filesystem `st_dev` as served by passthrough: a shared

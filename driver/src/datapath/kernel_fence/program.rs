@@ -5,7 +5,9 @@
 //! access once the guard's deadline (CLOCK_BOOTTIME) has passed, or — for a FUSE guard —
 //! once the FUSE connection is gone. `mmap_file` refuses shared mappings of writable
 //! files on passthrough inodes (their page faults would reach the backing file without a
-//! syscall) and every mapping on an expired guard.
+//! syscall) and every mapping on an expired guard. A FUSE guard refuses nothing unless
+//! the superblock is one of our `fuse.holdfast` mounts: device numbers are reused, so a
+//! stale guard may name someone else's filesystem.
 //!
 //! Member offsets come from the running kernel's BTF ([`KernelLayout`]), so the programs
 //! fit whatever kernel they are loaded into; the verifier checks every load against the
@@ -64,6 +66,11 @@ const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
 const HELPER_PROBE_READ_KERNEL: i32 = 113;
 const HELPER_KTIME_GET_BOOT_NS: i32 = 125;
 
+/// `FUSE_SUPER_MAGIC`: `super_block.s_magic` of every FUSE filesystem.
+const FUSE_SUPER_MAGIC: i32 = 0x6573_5546;
+/// `super_block.s_subtype` of our mounts (type `fuse.holdfast`), NUL included.
+const OUR_SUBTYPE: &[u8; 9] = b"holdfast\0";
+
 const EIO: i32 = 5;
 const EACCES: i32 = 13;
 const ENOTCONN: i32 = 107;
@@ -89,6 +96,8 @@ pub(super) struct KernelLayout {
     i_sb: Field,
     i_ino: Field,
     s_dev: Field,
+    s_magic: Field,
+    s_subtype: Field,
     s_fs_info: Field,
     fm_fc: Field,
     fc_connected: Field,
@@ -141,6 +150,18 @@ impl KernelLayout {
                 btf.field("super_block", "s_dev")?,
                 "super_block.s_dev",
                 4,
+                None,
+            )?,
+            s_magic: expect(
+                btf.field("super_block", "s_magic")?,
+                "super_block.s_magic",
+                8,
+                None,
+            )?,
+            s_subtype: expect(
+                btf.field("super_block", "s_subtype")?,
+                "super_block.s_subtype",
+                8,
                 None,
             )?,
             s_fs_info: expect(
@@ -232,6 +253,11 @@ impl Asm {
         self.raw(LD | IMM | DW, dst, PSEUDO_MAP_FD, 0, fd);
         self.raw(0, 0, 0, 0, 0)
     }
+    /// dst = imm (a two-slot LD_IMM64 holding all 64 bits).
+    fn load_imm64(&mut self, dst: u8, imm: u64) -> &mut Self {
+        self.raw(LD | IMM | DW, dst, 0, 0, imm as u32 as i32);
+        self.raw(0, 0, 0, 0, (imm >> 32) as u32 as i32)
+    }
     fn call(&mut self, helper: i32) -> &mut Self {
         self.raw(JMP | CALL, 0, 0, 0, helper)
     }
@@ -277,6 +303,33 @@ fn lookup_guard(a: &mut Asm, maps: &Maps, dev: u8, key_at: i16) {
         .call(HELPER_MAP_LOOKUP_ELEM);
 }
 
+/// Jumps to `not_ours` unless the superblock in `sb` is one of our FUSE mounts:
+/// `s_magic` is FUSE's and `s_subtype` is exactly "holdfast". The subtype is read into
+/// the 9 stack bytes at `fp + buf_at` with a checked read; a read that fails (a FUSE
+/// mount without subtype has a NULL one) means "not ours".
+///
+/// Why: guards are keyed by device number, and the kernel hands a freed anonymous device
+/// number to the next filesystem mounted. A guard left behind by a mount that is gone
+/// would otherwise refuse every access to whatever filesystem gets its number next.
+fn jump_unless_ours(a: &mut Asm, l: &KernelLayout, sb: u8, buf_at: i16, not_ours: &'static str) {
+    a.load_field(R1, sb, &l.s_magic)
+        .jump_imm(JNE, R1, FUSE_SUPER_MAGIC, not_ours)
+        .load_field(R3, sb, &l.s_subtype)
+        .mov(R1, FP)
+        .add_imm(R1, buf_at as i32)
+        .mov_imm(R2, OUR_SUBTYPE.len() as i32)
+        .call(HELPER_PROBE_READ_KERNEL)
+        .jump_imm(JNE, R0, 0, not_ours)
+        .load(R1, FP, buf_at, 8)
+        .load_imm64(
+            R2,
+            u64::from_ne_bytes(OUR_SUBTYPE[..8].try_into().expect("8 bytes")),
+        )
+        .jump_reg(JNE, R1, R2, not_ours)
+        .load(R1, FP, buf_at + 8, 1)
+        .jump_imm(JNE, R1, OUR_SUBTYPE[8] as i32, not_ours);
+}
+
 /// `file_permission(struct file *file, int mask)`.
 pub(super) fn file_permission(l: &KernelLayout, maps: &Maps) -> Vec<Insn> {
     let mut a = Asm::default();
@@ -289,6 +342,9 @@ pub(super) fn file_permission(l: &KernelLayout, maps: &Maps) -> Vec<Insn> {
         .load(R8, R0, 8, 4) // flags
         .and_imm(R8, GUARD_FUSE as i32)
         .jump_imm(JEQ, R8, 0, "deadline");
+    // A FUSE guard whose device number now belongs to a filesystem that is not ours is
+    // stale: it refuses nothing.
+    jump_unless_ours(&mut a, l, R9, -40, "allow");
     // FUSE guard: s_fs_info is the superblock's struct fuse_mount (a void * to BTF, so a
     // plain number here); read fuse_mount.fc and fuse_conn.connected with checked reads.
     // A failed read counts as "disconnected": the fence fails closed.
@@ -330,32 +386,42 @@ pub(super) fn mmap_file_with_flags_at(l: &KernelLayout, maps: &Maps, flags_arg: 
     a.load(R6, R1, 0, 8)
         .load(R7, R1, 8 * flags_arg, 8) // flags
         .jump_imm(JEQ, R6, 0, "allow"); // anonymous mapping
-    a.load_field(R2, R6, &l.f_inode)
-        .load_field(R8, R2, &l.i_ino);
     load_sb(&mut a, l, R6);
-    a.load_field(R9, R9, &l.s_dev);
+    a.load_field(R3, R9, &l.s_dev);
+    lookup_guard(&mut a, maps, R3, -4);
+    // r8 = the guard's deadline; none (all ones, never reached) without a guard.
+    a.mov_imm(R8, -1)
+        .jump_imm(JEQ, R0, 0, "passthrough")
+        .load(R8, R0, 0, 8)
+        .load(R1, R0, 8, 4)
+        .and_imm(R1, GUARD_FUSE as i32)
+        .jump_imm(JEQ, R1, 0, "passthrough");
+    // A stale FUSE guard on a filesystem that is not ours refuses nothing; its
+    // passthrough marks are as stale as it is.
+    jump_unless_ours(&mut a, l, R9, -40, "allow");
     // A shared mapping of a file open for writing on a passthrough inode: its page
     // faults would write the backing file with no syscall the fence sees.
-    a.mov(R1, R7)
+    a.label("passthrough")
+        .mov(R1, R7)
         .and_imm(R1, libc::MAP_SHARED)
         .jump_imm(JEQ, R1, 0, "deadline")
         .load_field(R1, R6, &l.f_mode)
         .and_imm(R1, FMODE_WRITE)
         .jump_imm(JEQ, R1, 0, "deadline")
-        .store(FP, -16, R9, 4)
-        .store_imm(FP, -12, 0, 4)
-        .store(FP, -8, R8, 8)
+        .load_field(R1, R9, &l.s_dev)
+        .store(FP, -24, R1, 4)
+        .store_imm(FP, -20, 0, 4)
+        .load_field(R2, R6, &l.f_inode)
+        .load_field(R1, R2, &l.i_ino)
+        .store(FP, -16, R1, 8)
         .mov(R2, FP)
-        .add_imm(R2, -16)
+        .add_imm(R2, -24)
         .load_map(R1, maps.passthrough)
         .call(HELPER_MAP_LOOKUP_ELEM)
         .jump_imm(JNE, R0, 0, "refused");
-    a.label("deadline");
-    lookup_guard(&mut a, maps, R9, -20);
-    a.jump_imm(JEQ, R0, 0, "allow")
-        .load(R6, R0, 0, 8)
+    a.label("deadline")
         .call(HELPER_KTIME_GET_BOOT_NS)
-        .jump_reg(JGE, R0, R6, "expired");
+        .jump_reg(JGE, R0, R8, "expired");
     a.label("allow").ret(0);
     a.label("refused").ret(-EACCES);
     a.label("expired").ret(-EIO);
@@ -379,5 +445,16 @@ mod tests {
         assert_eq!(insns[2].regs, R1 | (PSEUDO_MAP_FD << 4));
         assert_eq!(insns[2].imm, 7);
         assert_eq!(std::mem::size_of::<Insn>(), 8);
+    }
+
+    #[test]
+    fn imm64_is_split_low_then_high() {
+        let mut a = Asm::default();
+        a.load_imm64(R2, 0x8877_6655_4433_2211);
+        let insns = a.finish();
+        assert_eq!(insns.len(), 2);
+        assert_eq!(insns[0].regs, R2);
+        assert_eq!(insns[0].imm as u32, 0x4433_2211);
+        assert_eq!(insns[1].imm as u32, 0x8877_6655);
     }
 }

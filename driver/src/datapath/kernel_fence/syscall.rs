@@ -15,6 +15,7 @@ const BPF_MAP_CREATE: i32 = 0;
 const BPF_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_MAP_UPDATE_ELEM: i32 = 2;
 const BPF_MAP_DELETE_ELEM: i32 = 3;
+const BPF_MAP_GET_NEXT_KEY: i32 = 4;
 const BPF_PROG_LOAD: i32 = 5;
 const BPF_OBJ_PIN: i32 = 6;
 const BPF_OBJ_GET: i32 = 7;
@@ -135,6 +136,46 @@ pub(super) fn map_lookup(map: BorrowedFd, key: &[u8], value: &mut [u8]) -> io::R
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+#[repr(C)]
+struct NextKeyAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
+}
+
+/// Upper bound on the steps of [`map_keys`]: a hash map restarts its walk at the first
+/// key when the current one is deleted meanwhile, so churn could otherwise loop forever.
+const MAX_KEY_STEPS: usize = 1 << 20;
+
+/// Every key of `map` (whose keys are `key_size` bytes), each once. A key added or
+/// removed during the walk may be missed or still be listed.
+pub(super) fn map_keys(map: BorrowedFd, key_size: usize) -> io::Result<Vec<Vec<u8>>> {
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut current: Option<Vec<u8>> = None;
+    for _ in 0..MAX_KEY_STEPS {
+        let mut next = vec![0u8; key_size];
+        let mut attr = NextKeyAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            // No key asks for the first one.
+            key: current.as_ref().map_or(0, |k| k.as_ptr() as u64),
+            next_key: next.as_mut_ptr() as u64,
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+            Err(e) => return Err(e),
+        }
+        if seen.insert(next.clone()) {
+            keys.push(next.clone());
+        }
+        current = Some(next);
+    }
+    Ok(keys)
 }
 
 #[repr(C)]

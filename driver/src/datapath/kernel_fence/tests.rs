@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -274,33 +274,86 @@ fn shared_writable_mmap_of_a_passthrough_inode_is_refused() {
     assert_eq!(mmap_errno(&rw, read_write, shared), None, "unmarked");
 }
 
-/// On a filesystem that is not FUSE, `s_fs_info` is not a `fuse_mount`: the checked reads
-/// of the "connection" may fail or read garbage. Either way nothing crashes and the
-/// outcome is allowed or `ENOTCONN` — never anything else, and an expired deadline still
-/// refuses. (The FUSE case proper is tested with a real FUSE mount by the data path.)
+/// Guards are keyed by device number and device numbers are reused, so a FUSE guard on
+/// a superblock that is not a `fuse.holdfast` mount (here a tmpfs that got the number) is
+/// stale: even expired it refuses no access and no mapping. The same guard without the
+/// FUSE flag (what the tests use on tmpfs) still refuses.
 #[test]
-fn fuse_guard_on_a_non_fuse_filesystem_fails_closed_or_passes() {
+fn fuse_guard_on_a_filesystem_that_is_not_ours_refuses_nothing() {
     let pins = TestPins::new();
     let Some(fence) = open_or_skip(
-        "fuse_guard_on_a_non_fuse_filesystem_fails_closed_or_passes",
+        "fuse_guard_on_a_filesystem_that_is_not_ours_refuses_nothing",
         &pins,
     ) else {
         return;
     };
     let fs = Tmpfs::new();
     let file = open_rw(&fs.path("data"));
-    fence
-        .guard(fs.dev(), now_ns() + 10_000_000_000, true)
-        .unwrap();
-    assert_eq!(fence.guard_of(fs.dev()).map(|g| g.1), Some(true));
-    let w = errno(file.write_at(b"x", 0));
-    assert!(matches!(w, None | Some(libc::ENOTCONN)), "write: {w:?}");
+    file.set_len(4096).unwrap();
     fence.guard(fs.dev(), 0, true).unwrap();
-    let w = errno(file.write_at(b"x", 0));
-    assert!(
-        matches!(w, Some(libc::ENOTCONN) | Some(libc::EIO)),
-        "write: {w:?}"
+    assert_eq!(fence.guard_of(fs.dev()), Some((0, true)));
+    assert_eq!(io_result(&file), Ok(()), "read and write");
+    assert_eq!(
+        mmap_errno(&file, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
+        None,
+        "mmap"
     );
+    fence.guard(fs.dev(), 0, false).unwrap();
+    assert_eq!(io_result(&file), Err((EIO, EIO)), "not a FUSE guard");
+}
+
+#[test]
+fn st_dev_of_inverts_kernel_dev() {
+    for st_dev in [
+        libc::makedev(0, 0),
+        libc::makedev(8, 1),
+        libc::makedev(0, 0x4_5678),
+        libc::makedev(0xfff, 0xf_ffff),
+    ] {
+        assert_eq!(st_dev_of(kernel_dev(st_dev).unwrap()), st_dev);
+    }
+}
+
+/// The key walk behind [`KernelFence::guarded_devs`], on a guards map of the same layout
+/// (this works on kernels that refuse to attach the programs).
+#[test]
+fn guards_map_lists_every_guarded_dev_as_st_dev() {
+    let guards = syscall::map_create("t_guards", 4, 16, 16).unwrap();
+    assert_eq!(
+        devs_in_guards_map(guards.as_fd()).unwrap(),
+        Vec::<u64>::new()
+    );
+    let (a, b) = (libc::makedev(0, 0x3f), libc::makedev(259, 0x1_0002));
+    for st_dev in [a, b] {
+        let key = kernel_dev(st_dev).unwrap().to_ne_bytes();
+        syscall::map_update(guards.as_fd(), &key, &guard_value(0, true)).unwrap();
+    }
+    let mut devs = devs_in_guards_map(guards.as_fd()).unwrap();
+    devs.sort_unstable();
+    assert_eq!(devs, vec![a, b]);
+    syscall::map_delete(guards.as_fd(), &kernel_dev(a).unwrap().to_ne_bytes()).unwrap();
+    assert_eq!(devs_in_guards_map(guards.as_fd()).unwrap(), vec![b]);
+}
+
+#[test]
+fn fence_lists_its_guards() {
+    let pins = TestPins::new();
+    let Some(fence) = open_or_skip("fence_lists_its_guards", &pins) else {
+        return;
+    };
+    let (a, b) = (Tmpfs::new(), Tmpfs::new());
+    assert_eq!(fence.guarded_devs().unwrap(), Vec::<u64>::new());
+    fence
+        .guard(a.dev(), now_ns() + 10_000_000_000, false)
+        .unwrap();
+    fence.guard(b.dev(), 0, true).unwrap();
+    let mut devs = fence.guarded_devs().unwrap();
+    devs.sort_unstable();
+    let mut want = vec![a.dev(), b.dev()];
+    want.sort_unstable();
+    assert_eq!(devs, want);
+    fence.unguard(a.dev()).unwrap();
+    assert_eq!(fence.guarded_devs().unwrap(), vec![b.dev()]);
 }
 
 /// The verifier checks both programs against the running kernel's BTF. They are
