@@ -113,14 +113,19 @@
 //! mount copies once. Splicing from `/dev/fuse` would drop one copy; fuser does not
 //! offer it.
 //!
-//! Kernel passthrough (`FUSE_PASSTHROUGH`) is *not* used: with it the kernel serves read/write on an open
-//! file straight from the backing file without a request to the daemon, so the gate
-//! never sees them. Stopping that I/O would need the daemon to act (abort the connection
-//! or unmount) at the fence — which a daemon paused past its deadline cannot do, while
-//! the design requires that a paused holder forward no write after its deadline.
-//! Aborting is also not shown to stop I/O on already-open passthrough files. Without
-//! that proof it stays off, and the data path pays extra copies per byte (see
-//! `benches/datapath.rs`).
+//! Kernel passthrough (`FUSE_PASSTHROUGH`) is opt-in ([`FuseOptions::passthrough`],
+//! the driver's `--fuse-passthrough`) and used only where the kernel itself can fence it.
+//! With passthrough the kernel serves `read(2)`/`write(2)` of an open file straight from
+//! the backing file, without a request to the daemon, so the gate never sees them and a
+//! paused or dead daemon could not stop them. The fence then moves into the kernel
+//! ([`kernel_fence`]): BPF LSM programs, pinned on bpffs so they outlive the plugin,
+//! refuse every read and write on the mount once CLOCK_BOOTTIME passes the session
+//! deadline the fence watcher last wrote (0 at a fence), and refuse with `ENOTCONN` once
+//! the FUSE connection is gone. Stores through a shared writable mapping need no syscall
+//! and cannot be refused, so an inode whose first open is read-write stays with the
+//! daemon, and a read-write open of a passthrough inode cannot be mapped shared
+//! ([`passthrough`]). Where the programs cannot be loaded (no `bpf` LSM, or a kernel
+//! that refuses trampoline-attached programs) every open goes through the daemon.
 
 mod fence;
 mod fs;

@@ -270,6 +270,7 @@ fn kernel_fence() -> Option<Arc<KernelFence>> {
         .get_or_init(|| match KernelFence::open(&KernelFence::default_pin_dir()) {
             Ok(k) => {
                 tracing::info!("kernel fence loaded: FUSE volumes use passthrough");
+                sweep_stale_guards(&k);
                 Some(Arc::new(k))
             }
             Err(e) => {
@@ -278,6 +279,19 @@ fn kernel_fence() -> Option<Arc<KernelFence>> {
             }
         })
         .clone()
+}
+
+/// Removes the guards a dead plugin left for mounts whose FUSE connection is gone (their
+/// superblock is gone, so no file of them is open). Guards of live connections, this
+/// node's other plugin processes' included, stay.
+fn sweep_stale_guards(kf: &KernelFence) {
+    let Ok(devs) = kf.guarded_devs() else { return };
+    let conns = Path::new("/sys/fs/fuse/connections");
+    for dev in devs {
+        if !conns.join(minor(dev).to_string()).exists() {
+            let _ = kf.unguard(dev);
+        }
+    }
 }
 
 /// Puts the mount under the kernel fence with the gate's current deadline, then allows

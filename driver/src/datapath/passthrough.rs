@@ -127,6 +127,10 @@ impl Passthrough {
         flags: i32,
         register: impl FnOnce() -> std::io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
+        // Enabled once at mount, before any open: a mount without it keeps no books.
+        if !self.enabled() {
+            return None;
+        }
         let mut inodes = self.inodes.lock().unwrap_or_else(|e| e.into_inner());
         let chosen = match inodes.get_mut(&ino) {
             Some(InodeIo::Cached { opens }) => {
