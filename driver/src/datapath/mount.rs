@@ -287,6 +287,15 @@ fn kernel_fence() -> Option<Arc<KernelFence>> {
 fn sweep_stale_guards(kf: &KernelFence) {
     let Ok(devs) = kf.guarded_devs() else { return };
     let conns = Path::new("/sys/fs/fuse/connections");
+    // Without fusectl every connection would look gone: mount it, or sweep nothing.
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if !mounts
+        .lines()
+        .any(|l| l.split(' ').nth(2) == Some("fusectl"))
+        && rustix::mount::mount("fusectl", conns, "fusectl", MountFlags::empty(), None).is_err()
+    {
+        return;
+    }
     for dev in devs {
         if !conns.join(minor(dev).to_string()).exists() {
             let _ = kf.unguard(dev);
