@@ -186,6 +186,7 @@ VARIANTS = {
     "lease namespace elsewhere": {"leaseStore": {"namespace": "holdfast-leases"}},
     "nfs backend": {"backend": {"type": "nfs", "nfs": {"server": "nfs.example.internal", "path": "/exports/holdfast"}}},
     "pvc backend": {"backend": {"type": "pvc", "pvc": {"claimName": "holdfast-backend"}}},
+    "fuse passthrough": {"node": {"fusePassthrough": True}},
     "no storage class, default class, OnDelete": {
         "storageClass": {"create": False, "isDefault": True},
         "node": {"updateStrategy": {"type": "OnDelete", "rollingUpdate": None}},
@@ -225,6 +226,12 @@ def check_safety_properties(docs, values, variant):
     check([m["mountPath"] for m in propagated] == [kubelet_dir],
           f"{where}: kubelet dir {kubelet_dir} must be the one Bidirectional mount")
     check(any(m["mountPath"] == "/dev/fuse" for m in plugin["volumeMounts"]), f"{where}: /dev/fuse not mounted")
+    # The kernel fence is pinned on bpffs; only the host's instance outlives the plugin pod.
+    bpf = [v for v in node["volumes"] if v["name"] == "bpf-fs"]
+    check(len(bpf) == 1 and bpf[0]["hostPath"]["path"] == "/sys/fs/bpf", f"{where}: host bpffs volume")
+    check(any(m["mountPath"] == "/sys/fs/bpf" for m in plugin["volumeMounts"]), f"{where}: bpffs not mounted")
+    passthrough = values.get("node", {}).get("fusePassthrough", False)
+    check(("--fuse-passthrough" in plugin["args"]) == passthrough, f"{where}: --fuse-passthrough follows the value")
     check(flag(plugin["args"], "node-id") == "$(KUBE_NODE_NAME)", f"{where}: node id must come from spec.nodeName")
     env = {e["name"]: e for e in plugin["env"]}
     check(env["KUBE_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName", f"{where}: KUBE_NODE_NAME")
