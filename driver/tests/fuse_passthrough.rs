@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use holdfast_core::clock::Mono;
-use holdfast_core::lease::FenceCause;
+use holdfast_core::lease::{FenceCause, VolumeGate};
 use holdfast_driver::datapath::kernel_fence::{KernelFence, KernelFenceError};
 use holdfast_driver::datapath::{FenceAction, FuseOptions, FuseVolume};
 
@@ -62,6 +62,25 @@ fn with_passthrough(action: FenceAction) -> FuseOptions {
         passthrough: true,
         ..FuseOptions::new(action)
     }
+}
+
+/// A volume mounted in this process with passthrough asked for, behind `gate`.
+/// `None` (with the reason printed) where the kernel fence cannot run.
+struct Mounted {
+    backing: tempfile::TempDir,
+    target: tempfile::TempDir,
+    vol: FuseVolume,
+}
+
+fn mount_with_passthrough(gate: &VolumeGate) -> Option<Mounted> {
+    let (backing, target) = dirs();
+    let opts = with_passthrough(FenceAction::Error);
+    let vol = FuseVolume::mount(backing.path(), target.path(), gate.clone(), opts).unwrap();
+    passthrough_expected(vol.uses_passthrough()).then_some(Mounted {
+        backing,
+        target,
+        vol,
+    })
 }
 
 #[test]
@@ -136,18 +155,15 @@ fn passthrough_writer_gets_enotconn_when_the_server_dies() {
 
 #[test]
 fn explicit_fence_stops_open_passthrough_files() {
-    let (backing, target) = dirs();
     let gate = gate_for(Duration::from_secs(60));
-    let vol = FuseVolume::mount(
-        backing.path(),
-        target.path(),
-        gate.clone(),
-        with_passthrough(FenceAction::Error),
-    )
-    .unwrap();
-    if !passthrough_expected(vol.uses_passthrough()) {
+    let Some(Mounted {
+        backing,
+        target,
+        vol,
+    }) = mount_with_passthrough(&gate)
+    else {
         return;
-    }
+    };
     let mut w = File::create(target.path().join("file")).unwrap();
     w.write_all(b"before").unwrap();
     let mut r = File::open(target.path().join("file")).unwrap();
@@ -166,18 +182,15 @@ fn explicit_fence_stops_open_passthrough_files() {
 
 #[test]
 fn renewals_reach_the_kernel_fence() {
-    let (backing, target) = dirs();
     let gate = gate_for(Duration::from_millis(600));
-    let vol = FuseVolume::mount(
-        backing.path(),
-        target.path(),
-        gate.clone(),
-        with_passthrough(FenceAction::Error),
-    )
-    .unwrap();
-    if !passthrough_expected(vol.uses_passthrough()) {
+    let Some(Mounted {
+        backing,
+        target,
+        vol,
+    }) = mount_with_passthrough(&gate)
+    else {
         return;
-    }
+    };
     let mut w = File::create(target.path().join("file")).unwrap();
     w.write_all(b"a").unwrap();
     gate.session()
@@ -201,17 +214,14 @@ fn mmap_errno(f: &File, prot: i32, flags: i32) -> Option<i32> {
 
 #[test]
 fn a_passthrough_inode_cannot_be_mapped_shared_writable() {
-    let (backing, target) = dirs();
-    let vol = FuseVolume::mount(
-        backing.path(),
-        target.path(),
-        gate_for(Duration::from_secs(60)),
-        with_passthrough(FenceAction::Error),
-    )
-    .unwrap();
-    if !passthrough_expected(vol.uses_passthrough()) {
+    let Some(Mounted {
+        backing,
+        target,
+        vol,
+    }) = mount_with_passthrough(&gate_for(Duration::from_secs(60)))
+    else {
         return;
-    }
+    };
     let path = target.path().join("file");
     let rw_prot = libc::PROT_READ | libc::PROT_WRITE;
 
