@@ -197,6 +197,9 @@ impl Passthrough {
     /// Forgets the open `fh`; the last release of a passthrough inode closes its
     /// backing registration.
     pub fn release(&self, fh: u64) {
+        if !self.enabled() {
+            return;
+        }
         let Some(ino) = self
             .opens
             .lock()

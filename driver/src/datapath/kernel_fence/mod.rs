@@ -54,6 +54,7 @@
 //! and fentry program with `EPERM` before the verifier runs, even with `bpf` listed
 //! ([`KernelFenceError::LsmRefused`]).
 
+mod asm;
 mod btf;
 mod pins;
 mod program;

@@ -121,7 +121,7 @@ fn get_or_pin(
 
 fn load_and_attach(
     program: &'static str,
-    insns: &[program::Insn],
+    insns: &[super::asm::Insn],
     btf_id: u32,
 ) -> Result<OwnedFd, KernelFenceError> {
     let prog = syscall::prog_load(program, insns, syscall::Target::lsm(btf_id)).map_err(

@@ -8,7 +8,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use super::program::Insn;
+use super::asm::Insn;
 
 const BPF_MAP_CREATE: i32 = 0;
 #[cfg(test)]
