@@ -15,7 +15,7 @@
 //! - `4k random write+fsync`: ops/s of a 4 KiB `pwrite` at a random aligned offset of a
 //!   64 MiB file, each followed by `fsync` (a database's commit pattern).
 //! - `create/stat/unlink`: ops/s over creating, `stat`ing and removing 2000 empty files
-//!   (3 ops each) in a fresh directory.
+//!   (3 ops each) in a fresh directory, after `drop_caches`.
 //! - `stat of a missing name`: ops/s of `stat` on 500 names that do not exist, 10 times
 //!   each (the first of each is a real lookup on both sides).
 //!
@@ -190,6 +190,11 @@ fn random_write_fsync(dir: &Path) -> Vec<f64> {
 
 /// ops/s over create + stat + unlink of `META_FILES` files (3 ops each).
 fn metadata(dir: &Path) -> Vec<f64> {
+    // The same machine state for both sides. On this kind of VM, ext4's create/unlink
+    // rate falls from about 40 000 to 4 000 ops/s after a few seconds of churn, and comes
+    // back once the page cache is dropped (measured with a plain script, no FUSE). Without
+    // this the row measured the VM's memory state, not the data path.
+    drop_caches();
     let sub = dir.join("meta");
     fs::create_dir(&sub).unwrap();
     let names: Vec<PathBuf> = (0..META_FILES)
