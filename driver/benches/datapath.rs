@@ -137,18 +137,23 @@ fn seq_write_read(dir: &Path) -> Vec<f64> {
     ]
 }
 
+/// Creates (or truncates) `path`, opened read-write.
+fn create_read_write(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap()
+}
+
 /// MiB/s of the sequential write with the file opened `O_RDWR`.
 fn seq_write_read_write_open(dir: &Path) -> Vec<f64> {
     let path = dir.join("seqrw");
     let buf = vec![0x5au8; 1 << 20];
     let start = Instant::now();
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    let mut f = create_read_write(&path);
     for _ in 0..SEQ_MIB {
         f.write_all(&buf).unwrap();
     }
@@ -162,13 +167,7 @@ fn seq_write_read_write_open(dir: &Path) -> Vec<f64> {
 /// ops/s of 4 KiB writes at random aligned offsets, each followed by fsync.
 fn random_write_fsync(dir: &Path) -> Vec<f64> {
     let path = dir.join("random");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    let f = create_read_write(&path);
     f.set_len(RANDOM_FILE).unwrap();
     f.sync_all().unwrap();
     let buf = vec![0xa5u8; 4096];
