@@ -45,6 +45,27 @@ command -v fusermount3 >/dev/null || apt_install fuse3
 # Network namespaces for the end-to-end tests' partitions.
 command -v ip >/dev/null || apt_install iproute2
 
+# The kernel fence's tests boot a kernel that runs BPF LSM under QEMU (see
+# core/src/testkit/vm.rs): QEMU from bookworm-backports (the version those kernels are
+# known to boot under), busybox-static and cpio to build the guest's initramfs.
+# Never trixie: with trixie in the sources apt upgrades the host's libc and systemd.
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        [ "$(id -u)" -eq 0 ] || { echo "setup: need root to add bookworm-backports" >&2; exit 1; }
+        printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' \
+            'Suites: bookworm-backports' 'Components: main' \
+            'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+            >/etc/apt/sources.list.d/bookworm-backports.sources
+        apt_updated=false
+        log "added bookworm-backports to apt sources"
+    fi
+    apt_install -t bookworm-backports qemu-system-x86
+fi
+# The guest has no shared libraries of its own, so its shell must be the static build.
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' ||
+    apt_install busybox-static
+command -v cpio >/dev/null || apt_install cpio
+
 if [ ! -c /dev/fuse ]; then
     command -v modprobe >/dev/null || apt_install kmod
     modprobe fuse 2>/dev/null || true
