@@ -105,6 +105,16 @@ async fn sessions_are_compare_and_swap(store: &dyn LeaseStore, run: &str) {
         "delete_session of absent",
         store.delete_session(&key, &v3).await,
     );
+    // The version of a deleted record must not bring it back: a late renewal must not
+    // resurrect a session that a timeout takeover deleted.
+    assert_conflict(
+        "put_session with the version of a deleted record",
+        store.put_session(&second, Some(&v3)).await,
+    );
+    assert!(
+        store.get_session(&key).await.unwrap().is_none(),
+        "a conditional put re-created a deleted record"
+    );
 
     // Re-created: a stale writer holding an old version must not match it again.
     let v4 = store.put_session(&first, None).await.unwrap();

@@ -275,7 +275,7 @@ fn process_stopped(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-fn free_port(ip: IpAddr) -> u16 {
+pub(crate) fn free_port(ip: IpAddr) -> u16 {
     let listener = TcpListener::bind(SocketAddr::new(ip, 0)).expect("binding a free port");
     listener.local_addr().expect("local addr").port()
 }
@@ -303,7 +303,7 @@ fn healthy(client_url: &str) -> bool {
     response.starts_with("HTTP/1.") && response.contains("\"health\":\"true\"")
 }
 
-fn log_tail(path: &std::path::Path) -> String {
+pub(crate) fn log_tail(path: &std::path::Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut start = text.len().saturating_sub(2000);
     while !text.is_char_boundary(start) {

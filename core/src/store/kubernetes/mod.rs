@@ -23,17 +23,31 @@
 //! (holderIdentity, leaseDurationSeconds, renewTime, leaseTransitions = epoch) is
 //! filled for humans only and never read: its times come from another machine's clock.
 //!
-//! Compare-and-swap: create for "must not exist" (409 → `Conflict`), replace with
-//! `metadata.resourceVersion` = the expected version (409 or 404 → `Conflict`), delete
-//! with `preconditions.resourceVersion` (409 or 404 → `Conflict`). The version is the
-//! object's resourceVersion. An empty expected version is refused as a `Conflict`: the
-//! API server would treat it as "no precondition", a blind write.
+//! Compare-and-swap, with the object's resourceVersion as the version:
+//! - "must not exist": create (409 AlreadyExists → `Conflict`); a create never
+//!   overwrites.
+//! - "must be at version v": a JSON merge patch that carries
+//!   `metadata.resourceVersion: v` (409 → `Conflict`; 404 → `Conflict`). Not a PUT:
+//!   Lease objects allow create-on-update, so a PUT naming a resourceVersion re-creates
+//!   a Lease that someone deleted — a late renewal would resurrect the session a
+//!   timeout takeover deleted. A patch never creates (the API server answers 404 for a
+//!   patch of a missing object, whatever the resource), and the resourceVersion inside
+//!   it is checked in the same storage transaction as the write. (A JSON patch `test`
+//!   op would also be atomic, but its failure is a 422 that cannot be told apart from a
+//!   malformed patch.)
+//! - delete: `preconditions.resourceVersion` (409 or 404 → `Conflict`), so it never
+//!   deletes a newer object.
+//!
+//! An empty expected version is refused as a `Conflict`: the API server would treat it
+//! as "no precondition", a blind write.
 //!
 //! Errors: 429 and 5xx, connection failures and calls exceeding the timeout (default
-//! 2 s) are `Unavailable`; other API errors (e.g. 403) are `Backend`.
+//! 2 s) are `Unavailable` (kube's client retries a 429 or 503 with backoff by itself;
+//! the timeout bounds the call with its retries); other API errors (e.g. 403) are `Backend`.
 //!
 //! RBAC the node plugin and controller need, in the store's namespace:
-//! `coordination.k8s.io` `leases`: get, list, create, update, delete.
+//! `coordination.k8s.io` `leases`: get, list, create, patch, delete (no update: the
+//! store never PUTs; no watch).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -42,7 +56,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 
 use crate::lease::{ClaimRecord, NodeFence, SessionKey, SessionRecord};
 use crate::store::codec::{self, check_key, RecordKey, StoredRecord};
@@ -156,26 +170,27 @@ impl KubernetesStore {
             labels.insert(NODE_LABEL.to_string(), node.to_string());
         }
         let json = String::from_utf8(json).expect("serde_json writes UTF-8");
-        let mut lease = Lease {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(self.namespace.clone()),
-                labels: Some(labels),
-                annotations: Some(BTreeMap::from([(RECORD_ANNOTATION.to_string(), json)])),
-                ..ObjectMeta::default()
-            },
-            spec: Some(spec),
-        };
-        let pp = PostParams::default();
         let written = match expected {
             None => {
-                self.bounded("create", Some(&key), self.leases.create(&pp, &lease))
-                    .await?
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(self.namespace.clone()),
+                        labels: Some(labels),
+                        annotations: Some(BTreeMap::from([(RECORD_ANNOTATION.to_string(), json)])),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(spec),
+                };
+                let pp = PostParams::default();
+                let call = self.leases.create(&pp, &lease);
+                self.bounded("create", Some(&key), call).await?
             }
             Some(v) => {
-                lease.metadata.resource_version = Some(non_empty(v, &key)?);
-                let call = self.leases.replace(&name, &pp, &lease);
-                self.bounded("replace", Some(&key), call).await?
+                let patch = conditional_patch(&non_empty(v, &key)?, labels, node, json, &spec);
+                let (pp, patch) = (PatchParams::default(), Patch::Merge(&patch));
+                let call = self.leases.patch(&name, &pp, &patch);
+                self.bounded("patch", Some(&key), call).await?
             }
         };
         written
@@ -222,6 +237,48 @@ impl KubernetesStore {
             Ok(Ok(v)) => Ok(v),
         }
     }
+}
+
+/// The merge patch of a write conditioned on `version`: every field the store owns is
+/// set (or removed, with `null`), so the object reads back exactly as a create would
+/// have made it, and `metadata.resourceVersion` makes the write conditional.
+fn conditional_patch(
+    version: &str,
+    mut labels: BTreeMap<String, String>,
+    node: &str,
+    record_json: String,
+    spec: &LeaseSpec,
+) -> serde_json::Value {
+    let mut label_patch: serde_json::Map<String, serde_json::Value> = labels
+        .iter_mut()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(std::mem::take(v))))
+        .collect();
+    if !is_label_value(node) {
+        // The previous holder's node label must not outlive its claim.
+        label_patch.insert(NODE_LABEL.to_string(), serde_json::Value::Null);
+    }
+    let mut spec_patch = serde_json::to_value(spec).expect("a LeaseSpec serializes");
+    for field in [
+        "acquireTime",
+        "holderIdentity",
+        "leaseDurationSeconds",
+        "leaseTransitions",
+        "renewTime",
+    ] {
+        spec_patch
+            .as_object_mut()
+            .expect("a LeaseSpec is an object")
+            .entry(field)
+            .or_insert(serde_json::Value::Null);
+    }
+    serde_json::json!({
+        "metadata": {
+            "resourceVersion": version,
+            "labels": label_patch,
+            "annotations": { RECORD_ANNOTATION: record_json },
+        },
+        "spec": spec_patch,
+    })
 }
 
 fn record_of(lease: &Lease, name: &str) -> Result<(String, Version), StoreError> {
