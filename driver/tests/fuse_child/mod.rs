@@ -96,8 +96,10 @@ impl ChildServer {
         let mut passthrough = false;
         loop {
             let line = lines.next().expect("child exited before mounting").unwrap();
-            if let Some(v) = line.strip_prefix(PASSTHROUGH) {
-                passthrough = v == "true";
+            // Not a prefix: the test harness prints "test child_fuse_server ... " before
+            // the test's own output on the same line.
+            if let Some((_, v)) = line.split_once(PASSTHROUGH) {
+                passthrough = v.trim() == "true";
             }
             if line.contains(READY) {
                 break;
