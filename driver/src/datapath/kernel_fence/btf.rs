@@ -2,6 +2,13 @@
 //! the ids of the LSM hook functions and the offsets of the few struct members the fence
 //! programs read.
 //!
+//! Where fuse is a module (most distribution kernels other than "cloud" builds) the FUSE
+//! structs are not in vmlinux's BTF but in the module's, `/sys/kernel/btf/fuse`. That is
+//! *split* BTF: its type ids continue after vmlinux's last one and its string offsets after
+//! vmlinux's string section, and its members refer to vmlinux's types by their ids. So
+//! the module's types and strings are appended to vmlinux's, and every lookup works on
+//! the whole.
+//!
 //! Offsets are taken from the running kernel rather than hard-coded because struct layouts
 //! change between kernel versions and configurations; a member that is missing, a bitfield
 //! or of an unexpected size is an error, so a layout this code does not understand is
@@ -11,6 +18,10 @@ use super::KernelFenceError;
 
 /// Where the running kernel publishes its own type information.
 pub(super) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// The fuse module's types, where fuse is a module.
+pub(super) const FUSE_MODULE_BTF: &str = "/sys/kernel/btf/fuse";
+/// A FUSE struct the fence reads: present wherever the kernel's FUSE types are.
+const FUSE_PROBE_STRUCT: &str = "fuse_mount";
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const HEADER_MIN_LEN: usize = 24;
@@ -89,17 +100,70 @@ fn u32_at(b: &[u8], at: usize) -> Result<u32, KernelFenceError> {
         .ok_or_else(|| bad(format!("truncated at byte {at}")))
 }
 
+/// Names the file a parse error is about.
+fn in_file(path: &'static str) -> impl Fn(KernelFenceError) -> KernelFenceError {
+    move |e| match e {
+        KernelFenceError::Btf(what) => bad(format!("{path}: {what}")),
+        other => other,
+    }
+}
+
+fn read(path: &str) -> Result<Vec<u8>, KernelFenceError> {
+    std::fs::read(path).map_err(|source| KernelFenceError::Io {
+        what: format!("read {path}"),
+        source,
+    })
+}
+
 impl Btf {
     pub(super) fn load_vmlinux() -> Result<Btf, KernelFenceError> {
-        let bytes = std::fs::read(VMLINUX_BTF).map_err(|source| KernelFenceError::Io {
-            what: format!("read {VMLINUX_BTF}"),
-            source,
-        })?;
-        Btf::parse(&bytes)
+        Btf::parse(&read(VMLINUX_BTF)?).map_err(in_file(VMLINUX_BTF))
+    }
+
+    /// vmlinux's types, with the fuse module's appended where fuse is a module.
+    pub(super) fn load_kernel() -> Result<Btf, KernelFenceError> {
+        let mut btf = Btf::load_vmlinux()?;
+        if btf.has_struct(FUSE_PROBE_STRUCT) {
+            return Ok(btf);
+        }
+        if !std::path::Path::new(FUSE_MODULE_BTF).exists() {
+            return Err(bad(format!(
+                "no struct `{FUSE_PROBE_STRUCT}` in {VMLINUX_BTF} and no {FUSE_MODULE_BTF}: \
+                 FUSE is neither built in nor loaded"
+            )));
+        }
+        btf.append_split(&read(FUSE_MODULE_BTF)?)
+            .map_err(in_file(FUSE_MODULE_BTF))?;
+        Ok(btf)
     }
 
     /// Parses raw BTF (little-endian, as on every architecture holdfast runs on).
     pub(super) fn parse(b: &[u8]) -> Result<Btf, KernelFenceError> {
+        let (types, strings) = Btf::sections(b)?;
+        Ok(Btf {
+            types: std::iter::once(Type::default()).chain(types).collect(),
+            strings,
+        })
+    }
+
+    /// Appends split BTF based on this one (a module's): its type ids continue after
+    /// ours, its string offsets after our strings, so plain concatenation keeps every id
+    /// and offset in it, and in ours, meaning what it meant.
+    pub(super) fn append_split(&mut self, b: &[u8]) -> Result<(), KernelFenceError> {
+        let (types, strings) = Btf::sections(b)?;
+        self.types.extend(types);
+        self.strings.extend(strings);
+        Ok(())
+    }
+
+    fn has_struct(&self, name: &str) -> bool {
+        self.types
+            .iter()
+            .any(|t| t.kind == KIND_STRUCT && t.vlen > 0 && self.name(t.name_off) == name)
+    }
+
+    /// The types (void not included) and the string section of raw BTF.
+    fn sections(b: &[u8]) -> Result<(Vec<Type>, Vec<u8>), KernelFenceError> {
         if u16_at(b, 0)? != BTF_MAGIC {
             return Err(bad("bad magic (not little-endian BTF)"));
         }
@@ -116,7 +180,7 @@ impl Btf {
         let type_sec = section(8)?;
         let strings = section(16)?.to_vec();
 
-        let mut types = vec![Type::default()];
+        let mut types = Vec::new();
         let mut at = 0;
         while at < type_sec.len() {
             let info = u32_at(type_sec, at + 4)?;
@@ -160,7 +224,7 @@ impl Btf {
             at += extra;
             types.push(t);
         }
-        Ok(Btf { types, strings })
+        Ok((types, strings))
     }
 
     fn name(&self, off: u32) -> &str {
@@ -328,6 +392,70 @@ mod tests {
         );
         assert!(btf.field("file", "no_such_member").is_err());
         assert!(btf.func("no_such_function_anywhere").is_err());
+    }
+
+    /// Raw BTF of `types` (12-byte type entries with their trailing data, as words)
+    /// and `strings`.
+    fn raw(types: &[u32], strings: &[u8]) -> Vec<u8> {
+        let type_len = 4 * types.len() as u32;
+        let header = [
+            u32::from(BTF_MAGIC) | 1 << 16, // magic, version 1, flags 0
+            HEADER_MIN_LEN as u32,
+            0,
+            type_len,
+            type_len,
+            strings.len() as u32,
+        ];
+        let words = header.iter().chain(types).flat_map(|w| w.to_le_bytes());
+        words.chain(strings.iter().copied()).collect()
+    }
+
+    fn info(kind: u8, vlen: u32) -> u32 {
+        (kind as u32) << 24 | vlen
+    }
+
+    /// Module BTF as the kernel publishes it for a fuse module: ids and string offsets
+    /// continue after vmlinux's, and members use vmlinux's types by id.
+    #[test]
+    fn module_types_are_found_through_split_btf() {
+        // vmlinux: 1 = unsigned int.
+        let base_strings = b"\0unsigned int\0";
+        let vmlinux = raw(&[1, info(KIND_INT, 0), 4, 32], base_strings);
+        // fuse: 2 = struct fuse_conn { u64 pad; unsigned int connected; }, 3 = a pointer
+        // to it, 4 = struct fuse_mount { struct fuse_conn *fc; }.
+        let at = base_strings.len() as u32;
+        let module_strings = b"fuse_conn\0connected\0fuse_mount\0fc\0";
+        let (conn, connected, mount, fc) = (at, at + 10, at + 20, at + 31);
+        let module = raw(
+            &[
+                conn,
+                info(KIND_STRUCT, 1),
+                16,
+                connected,
+                1,
+                64, //
+                0,
+                info(KIND_PTR, 0),
+                2, //
+                mount,
+                info(KIND_STRUCT, 1),
+                8,
+                fc,
+                3,
+                0,
+            ],
+            module_strings,
+        );
+
+        let mut btf = Btf::parse(&vmlinux).unwrap();
+        assert!(!btf.has_struct("fuse_mount"));
+        btf.append_split(&module).unwrap();
+        assert!(btf.has_struct("fuse_mount"));
+        let connected = btf.field("fuse_conn", "connected").unwrap();
+        assert_eq!((connected.offset, connected.size), (8, 4), "a vmlinux type");
+        let fc = btf.field("fuse_mount", "fc").unwrap();
+        assert_eq!((fc.offset, fc.size), (0, 8));
+        assert_eq!(fc.pointee.as_deref(), Some("fuse_conn"), "a module type");
     }
 
     #[test]

@@ -73,7 +73,7 @@ use std::path::{Path, PathBuf};
 pub enum KernelFenceError {
     #[error("BPF LSM is not active on this kernel (`bpf` is not in /sys/kernel/security/lsm; boot with lsm=...,bpf)")]
     LsmInactive,
-    #[error("kernel BTF (/sys/kernel/btf/vmlinux): {0}")]
+    #[error("kernel BTF: {0}")]
     Btf(String),
     #[error("{what}: {source}")]
     Io {

@@ -205,7 +205,7 @@ pub(super) fn open_or_create(pin_dir: &Path) -> Result<Pinned, KernelFenceError>
         let (fd, _) = get_or_pin(&pin_dir.join(pin), || {
             let l: &KernelLayout = match &layout {
                 Some(l) => l,
-                None => layout.insert(KernelLayout::from_btf(&Btf::load_vmlinux()?)?),
+                None => layout.insert(KernelLayout::from_btf(&Btf::load_kernel()?)?),
             };
             let maps = Maps {
                 guards: guards.as_raw_fd(),
