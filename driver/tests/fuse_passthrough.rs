@@ -109,6 +109,12 @@ fn passthrough_writes_stop_at_the_deadline_while_the_server_is_stopped() {
     }
     let mut f = File::create(target.path().join("file")).unwrap();
     f.write_all(b"before").unwrap();
+    let mut r = File::open(target.path().join("file")).unwrap();
+    let mut buf = [0u8; 6];
+    r.read_exact(&mut buf).unwrap();
+    // Dropped before `r` (even on a failed assertion): closing a FUSE file waits for
+    // the daemon's answer to FLUSH, so the stopped server must be killed first.
+    let server = server;
     assert!(server.ready_at.elapsed() < deadline, "setup too slow");
 
     // With the daemon stopped, only the kernel can stop these writes.
@@ -144,6 +150,11 @@ fn passthrough_writes_stop_at_the_deadline_while_the_server_is_stopped() {
     let stat = fs::read_to_string(format!("/proc/{}/stat", server.child.id())).unwrap();
     let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
     assert_eq!(state, Some("T"), "the server must still be stopped");
+    assert_eq!(
+        errno_of(r.read(&mut buf)),
+        Some(libc::EIO),
+        "reads stop too"
+    );
     // Every byte the kernel accepted is in the backing file, and nothing else.
     let on_disk = fs::metadata(backing.path().join("file")).unwrap().len();
     assert_eq!(on_disk as usize, b"before".len() + landed);

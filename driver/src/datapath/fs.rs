@@ -510,6 +510,15 @@ impl Filesystem for VolumeFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // Every passthrough write first asks this daemon for the file's
+        // `security.capability` (the kernel's check whether the write must strip
+        // privileges), so a paused daemon would hold each write, past the kernel fence's
+        // check, until it resumes, and the write would then land after the deadline.
+        // ENOSYS tells the kernel never to ask again on this mount: a passthrough mount
+        // has no readable xattrs, and writes need this daemon for nothing.
+        if self.passthrough.enabled() {
+            return reply.error(Errno::ENOSYS);
+        }
         xattr(
             self.fence
                 .pass()

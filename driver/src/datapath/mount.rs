@@ -105,6 +105,12 @@ impl FuseVolume {
             && negotiated.load(std::sync::atomic::Ordering::SeqCst);
         if wanted {
             guard_mount(target, &fence, &passthrough);
+            if passthrough.enabled() {
+                // Asked here, while this daemon surely runs, so that the kernel has
+                // learnt that this mount answers no getxattr before any write needs it
+                // (see `getxattr` in fs.rs).
+                let _ = rustix::fs::getxattr(target, "security.capability", &mut [0u8; 0]);
+            }
         } else {
             clear_stale_guard(target);
         }
