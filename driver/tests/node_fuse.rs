@@ -193,3 +193,45 @@ async fn fuse_unpublish_naming_another_volume_leaves_the_mount_alone() {
     assert_eq!(mounts_at(&target).len(), 1);
     std::fs::write(target.join("still-served"), b"yes").expect("the volume is still served");
 }
+
+/// A volume served without passthrough has nothing to do with the kernel fence, so its
+/// publish says nothing about it, even on a node where the fence was tried before and
+/// cannot run here (its pin directory is then left behind, empty). With passthrough
+/// asked for and no fence, one line says that volumes are served through the daemon.
+#[tokio::test]
+async fn the_kernel_fence_is_mentioned_only_where_passthrough_is_asked_for() {
+    use holdfast_driver::datapath::kernel_fence::KernelFence;
+    // What an earlier attempt leaves on this node, whatever its outcome.
+    let fence_runs = KernelFence::open(&KernelFence::default_pin_dir()).is_ok();
+
+    for (args, passthrough) in [(&[][..], false), (&["--fuse-passthrough"][..], true)] {
+        let plugin = Plugin::start_standalone_with(args).await;
+        let channel = plugin.channel().await;
+        let mut node = NodeClient::new(channel.clone());
+        for n in 0..2 {
+            let id = create_volume(&channel, &format!("pv-fence-{n}"), "fuse").await;
+            let target = plugin.target().with_file_name(format!("mount-{n}"));
+            node.node_publish_volume(publish_request(&id, &target, false))
+                .await
+                .expect("NodePublishVolume (fuse)");
+            std::fs::write(target.join("file"), b"served").unwrap();
+            node.node_unpublish_volume(unpublish_request(&id, &target))
+                .await
+                .expect("unpublish");
+        }
+        let logs = plugin.logs();
+        let mentions = logs.lines().filter(|l| l.contains("kernel fence")).count();
+        match (passthrough, fence_runs) {
+            (false, _) => assert_eq!(mentions, 0, "passthrough off:\n{logs}"),
+            (true, false) => assert_eq!(
+                logs.lines()
+                    .filter(|l| l.contains("kernel fence unavailable")
+                        && l.contains("served through the daemon"))
+                    .count(),
+                1,
+                "no fence here: one line says so\n{logs}"
+            ),
+            (true, true) => assert!(logs.contains("kernel fence loaded"), "{logs}"),
+        }
+    }
+}

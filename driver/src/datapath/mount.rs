@@ -280,7 +280,11 @@ fn kernel_fence() -> Option<Arc<KernelFence>> {
                 Some(Arc::new(k))
             }
             Err(e) => {
-                tracing::warn!(error = %e, "no kernel fence: FUSE volumes are served without passthrough");
+                tracing::warn!(
+                    reason = %e.headline(),
+                    "kernel fence unavailable: FUSE volumes are served through the daemon, without passthrough"
+                );
+                tracing::debug!(error = %e, "kernel fence: the whole error");
                 None
             }
         })
@@ -329,14 +333,11 @@ fn guard_mount(target: &Path, fence: &Fence, passthrough: &Passthrough) {
 }
 
 /// A mount served without passthrough must not inherit the stopped guard a dead mount
-/// of ours left on the same device number.
+/// of ours left on the same device number. Only the pinned guards map is opened: the
+/// fence itself (and what is logged about it) is the business of passthrough mounts.
 fn clear_stale_guard(target: &Path) {
-    if !KernelFence::default_pin_dir().exists() {
-        return; // no kernel fence was ever loaded on this node
-    }
-    let Some(kf) = kernel_fence() else { return };
     if let Ok(st) = stat(target) {
-        let _ = kf.unguard(st.st_dev);
+        let _ = KernelFence::unguard_pinned(&KernelFence::default_pin_dir(), st.st_dev);
     }
 }
 

@@ -102,6 +102,18 @@ pub enum KernelFenceError {
     BadDevice { st_dev: u64 },
 }
 
+impl KernelFenceError {
+    /// The error on one line, for a log: a verifier log is left out.
+    pub fn headline(&self) -> String {
+        match self {
+            KernelFenceError::ProgLoad {
+                program, source, ..
+            } => format!("the kernel refused the `{program}` LSM program: {source}"),
+            other => other.to_string(),
+        }
+    }
+}
+
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> KernelFenceError {
     let what = what.into();
     move |source| KernelFenceError::Io { what, source }
@@ -197,6 +209,21 @@ impl KernelFence {
             &guard_value(deadline_boot_ns, fuse),
         )
         .map_err(io_err(format!("set the guard of device {st_dev:#x}")))
+    }
+
+    /// Removes the guard of `st_dev` from the fence pinned under `pin_dir`, if a fence
+    /// is pinned there, opening only its guards map: nothing is loaded or attached, so
+    /// this works (and has nothing to say) on kernels that cannot run the fence.
+    pub fn unguard_pinned(pin_dir: &Path, st_dev: u64) -> Result<(), KernelFenceError> {
+        let dev = kernel_dev(st_dev)?;
+        let path = pin_dir.join(pins::GUARDS_PIN);
+        let guards = match syscall::obj_get(&path) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(io_err(format!("open the pin {}", path.display()))(e)),
+        };
+        syscall::map_delete(guards.as_fd(), &dev.to_ne_bytes())
+            .map_err(io_err(format!("remove the guard of device {st_dev:#x}")))
     }
 
     /// Removes the guard of `st_dev` (after the mount is gone). Missing is not an error.

@@ -186,7 +186,7 @@ fn maps(pin_dir: &Path, _locked: &LockedDir) -> Result<(OwnedFd, OwnedFd, bool),
     Ok((guards, passthrough, new_guards || new_passthrough))
 }
 
-const GUARDS_PIN: &str = "guards";
+pub(super) const GUARDS_PIN: &str = "guards";
 const PASSTHROUGH_PIN: &str = "passthrough";
 const LINK_PINS: [&str; 2] = ["file_permission_link", "mmap_file_link"];
 
