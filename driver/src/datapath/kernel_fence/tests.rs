@@ -225,6 +225,76 @@ fn pinned_fence_outlives_its_opener_and_is_reused() {
     assert_eq!(second.guard_of(fs.dev()), Some((0, false)));
 }
 
+const CHILD_PINS: &str = "HOLDFAST_FENCE_CHILD_PINS";
+const CHILD_DEV: &str = "HOLDFAST_FENCE_CHILD_DEV";
+const CHILD_DEADLINE: &str = "HOLDFAST_FENCE_CHILD_DEADLINE_NS";
+const CHILD_READY: &str = "HOLDFAST_FENCE_CHILD_READY";
+
+/// The plugin of [`the_fence_outlives_the_process_that_loaded_it`]: this binary run
+/// again with the `HOLDFAST_FENCE_CHILD_*` variables set; otherwise it does nothing.
+#[test]
+fn fence_loading_child() {
+    let (Some(pins), Some(dev), Some(deadline)) = (
+        std::env::var_os(CHILD_PINS),
+        std::env::var(CHILD_DEV).ok(),
+        std::env::var(CHILD_DEADLINE).ok(),
+    ) else {
+        return;
+    };
+    let fence = KernelFence::open(std::path::Path::new(&pins)).unwrap();
+    fence
+        .guard(dev.parse().unwrap(), deadline.parse().unwrap(), false)
+        .unwrap();
+    println!("{CHILD_READY}");
+    io::stdout().flush().unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// A process loads the fence, guards a filesystem and is killed: nothing in user space
+/// holds the programs or maps any more, yet the guard holds at its deadline, through
+/// the pins alone. This process never opens that fence itself.
+#[test]
+fn the_fence_outlives_the_process_that_loaded_it() {
+    {
+        let probe = TestPins::new();
+        if open_or_skip("the_fence_outlives_the_process_that_loaded_it", &probe).is_none() {
+            return;
+        }
+    }
+    let pins = TestPins::new();
+    let fs = Tmpfs::new();
+    let file = open_rw(&fs.path("data"));
+    let deadline = now_ns() + 1_500_000_000;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "datapath::kernel_fence::tests::fence_loading_child",
+        ])
+        .args(["--nocapture", "--test-threads", "1"])
+        .env(CHILD_PINS, &pins.0)
+        .env(CHILD_DEV, fs.dev().to_string())
+        .env(CHILD_DEADLINE, deadline.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready = io::BufRead::lines(io::BufReader::new(child.stdout.take().unwrap()))
+        .map_while(Result::ok)
+        .any(|l| l.contains(CHILD_READY));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(ready, "the child loaded the fence");
+    assert!(now_ns() < deadline, "too slow to test before the deadline");
+    assert_eq!(io_result(&file), Ok(()), "before the deadline");
+    sleep_until_boot_ns(deadline + 20_000_000);
+    assert_eq!(
+        io_result(&file),
+        Err((EIO, EIO)),
+        "the pinned programs and guard outlive their loader"
+    );
+}
+
 #[test]
 fn shared_writable_mmap_of_a_passthrough_inode_is_refused() {
     let pins = TestPins::new();
@@ -300,6 +370,53 @@ fn fuse_guard_on_a_filesystem_that_is_not_ours_refuses_nothing() {
     );
     fence.guard(fs.dev(), 0, false).unwrap();
     assert_eq!(io_result(&file), Err((EIO, EIO)), "not a FUSE guard");
+}
+
+/// A FUSE guard on one of our live mounts: the programs reach the mount's connection
+/// through `struct fuse_mount` and `struct fuse_conn` (found in the fuse module's BTF
+/// where fuse is a module) and read it as connected, so only the deadline refuses. An
+/// offset read wrong would refuse a live mount with `ENOTCONN`, or let a dead one pass.
+#[test]
+fn fuse_guard_on_our_live_mount_refuses_only_past_its_deadline() {
+    use crate::datapath::{FenceAction, FuseOptions, FuseVolume};
+    use holdfast_core::clock::Mono;
+    use holdfast_core::lease::{SessionDeadline, VolumeGate};
+
+    let pins = TestPins::new();
+    let Some(fence) = open_or_skip(
+        "fuse_guard_on_our_live_mount_refuses_only_past_its_deadline",
+        &pins,
+    ) else {
+        return;
+    };
+    let backing = tempfile::tempdir_in("/var/tmp").unwrap();
+    let target = tempfile::tempdir_in("/var/tmp").unwrap();
+    // The daemon's own gate stays open throughout: every refusal below is the kernel's.
+    let session = SessionDeadline::new();
+    session.extend_to(Mono::now() + Duration::from_secs(600));
+    let opts = FuseOptions::new(FenceAction::Error);
+    let vol = FuseVolume::mount(
+        backing.path(),
+        target.path(),
+        VolumeGate::new(session),
+        opts,
+    )
+    .unwrap();
+    let file = open_rw(&target.path().join("data"));
+    let dev = std::fs::metadata(target.path()).unwrap().dev();
+
+    fence.guard(dev, now_ns() + 10_000_000_000, true).unwrap();
+    assert_eq!(io_result(&file), Ok(()), "connected, before the deadline");
+    fence.guard(dev, 0, true).unwrap();
+    assert_eq!(
+        io_result(&file),
+        Err((EIO, EIO)),
+        "fenced: EIO, not ENOTCONN"
+    );
+    fence.unguard(dev).unwrap();
+    assert_eq!(io_result(&file), Ok(()), "unguarded");
+    drop(file);
+    vol.unmount().unwrap();
 }
 
 #[test]
