@@ -3,6 +3,10 @@
 //! `cargo bench -p holdfast-driver --bench datapath` (as root). The backing directory is
 //! on the real disk (`/var/tmp`, override with `HOLDFAST_BENCH_DIR`); the bind mount and
 //! the FUSE mount serve that same directory, and both sides run the identical code.
+//! Where the kernel fence loads and the kernel grants FUSE passthrough, a second FUSE
+//! mount with passthrough on is measured in the same rounds (a third side); elsewhere
+//! the run says so and measures two. On a kernel that cannot run the fence, the VM test
+//! runs this benchmark in a VM (`tests/kernel_fence_vm.rs`, `datapath_benchmark_…`).
 //!
 //! What each row measures (higher is better everywhere):
 //! - `seq write total`: MiB/s of create + 256 MiB in 1 MiB `write(2)`s + `fsync` + close.
@@ -22,10 +26,11 @@
 //! Noise control for a small, shared machine: one warm-up round (not recorded), then
 //! `HOLDFAST_BENCH_REPS` rounds (default 8). In every round each workload runs on both
 //! mounts back to back, the order alternating by round, and `sync` before each timed
-//! workload so neither inherits the other's dirty pages. The ratio column is the median
-//! of those per-round fuse/bind ratios (pairs run seconds apart share the machine's load);
+//! workload so none inherits another's dirty pages. Each ratio column is the median of
+//! the per-round side/bind ratios (runs seconds apart share the machine's load);
 //! min–max columns show the spread. Knobs for experiments: `HOLDFAST_BENCH_WRITEBACK=1`,
-//! `HOLDFAST_BENCH_WRITE_THROUGH=0|1`, `HOLDFAST_BENCH_PASSTHROUGH=0|1`, `HOLDFAST_BENCH_THREADS=n`,
+//! `HOLDFAST_BENCH_WRITE_THROUGH=0|1`, `HOLDFAST_BENCH_PASSTHROUGH=0` (no passthrough
+//! side), `HOLDFAST_BENCH_THREADS=n`,
 //! `HOLDFAST_BENCH_DIRTY_RATIO=n`, `HOLDFAST_BENCH_ONLY=seq,seqrw,random,meta,miss`.
 
 use std::fs::{self, File, OpenOptions};
@@ -66,11 +71,12 @@ const WORKLOADS: [Workload; 5] = [
     ("miss", &[7], missing_lookups),
 ];
 
+/// One row's figures: per side (bind first), and per FUSE side its per-round ratio to
+/// bind.
 #[derive(Default)]
 struct Samples {
-    bind: Vec<f64>,
-    fuse: Vec<f64>,
-    ratio: Vec<f64>,
+    side: Vec<Vec<f64>>,
+    ratio: Vec<Vec<f64>>,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -242,9 +248,6 @@ fn options_from_env() -> FuseOptions {
     if let Some(wt) = env_flag("HOLDFAST_BENCH_WRITE_THROUGH") {
         opts.write_through = Some(wt);
     }
-    if let Some(p) = env_flag("HOLDFAST_BENCH_PASSTHROUGH") {
-        opts.passthrough = p;
-    }
     if let Ok(n) = std::env::var("HOLDFAST_BENCH_THREADS") {
         opts.threads = n.parse().unwrap();
     }
@@ -278,7 +281,6 @@ fn main() {
     let base = std::env::var("HOLDFAST_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
     let backing = tempfile::tempdir_in(&base).unwrap();
     let bind_target = tempfile::tempdir_in(&base).unwrap();
-    let fuse_target = tempfile::tempdir_in(&base).unwrap();
     rustix::mount::mount_bind(backing.path(), bind_target.path()).expect("bind mount (root?)");
 
     let opts = options_from_env();
@@ -286,22 +288,36 @@ fn main() {
         "fuse options: writeback_cache={} write_through={:?} threads={} max_write={} readahead_kb={}",
         opts.writeback_cache, opts.write_through, opts.threads, opts.max_write, opts.readahead_kb
     );
-    let volume = FuseVolume::mount(
-        backing.path(),
-        fuse_target.path(),
-        VolumeGate::unclaimed(),
-        opts,
-    )
-    .expect("FUSE mount");
-    println!(
-        "fuse passthrough (read-only and write-only opens): {}",
+    let mount = |passthrough: bool| {
+        let target = tempfile::tempdir_in(&base).unwrap();
+        let opts = FuseOptions {
+            passthrough,
+            ..opts.clone()
+        };
+        let volume =
+            FuseVolume::mount(backing.path(), target.path(), VolumeGate::unclaimed(), opts)
+                .expect("FUSE mount");
+        (target, volume)
+    };
+    // Both FUSE variants serve the same backing directory as the bind mount, in the same
+    // rounds; the passthrough one only where the kernel fence loads and the kernel grants
+    // passthrough (HOLDFAST_BENCH_PASSTHROUGH=0 leaves it out).
+    let mut fuse_sides = vec![("fuse", mount(false))];
+    if env_flag("HOLDFAST_BENCH_PASSTHROUGH") != Some(false) {
+        let (target, volume) = mount(true);
         if volume.uses_passthrough() {
-            "on, kernel fence loaded"
+            fuse_sides.push(("passthrough", (target, volume)));
         } else {
-            "off"
+            println!("fuse passthrough: unavailable here (no kernel fence, or no FUSE passthrough); not measured");
+            volume.unmount().expect("unmount FUSE");
         }
-    );
-    show_bdi(fuse_target.path());
+    }
+    for (_, (target, _)) in &fuse_sides {
+        show_bdi(target.path());
+    }
+    let sides: Vec<(&str, &Path)> = std::iter::once(("bind", bind_target.path()))
+        .chain(fuse_sides.iter().map(|(l, (t, _))| (*l, t.path())))
+        .collect();
 
     let mut samples: Vec<Samples> = ROWS.iter().map(|_| Samples::default()).collect();
     let started = Instant::now();
@@ -311,37 +327,44 @@ fn main() {
             if !want(key) {
                 continue;
             }
-            let mut order = [("bind", bind_target.path()), ("fuse", fuse_target.path())];
+            let mut order: Vec<usize> = (0..sides.len()).collect();
             if round % 2 == 1 {
                 order.reverse();
             }
-            let mut got: [Vec<f64>; 2] = Default::default();
-            for (label, mount) in order {
+            let mut got: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+            for i in order {
+                let (label, mount) = sides[i];
                 let dir = mount.join(format!("{label}-{round}-{key}"));
                 fs::create_dir(&dir).unwrap();
                 rustix::fs::sync();
-                got[usize::from(label == "fuse")] = work(&dir);
+                got[i] = work(&dir);
                 fs::remove_dir(&dir).unwrap();
             }
             if round == 0 {
                 continue;
             }
             for (i, &row) in rows.iter().enumerate() {
-                let (b, f) = (got[0][i], got[1][i]);
                 let s = &mut samples[row];
-                s.bind.push(b);
-                s.fuse.push(f);
-                s.ratio.push(f / b);
+                s.side.resize(sides.len(), Vec::new());
+                s.ratio.resize(sides.len() - 1, Vec::new());
+                for (side, figures) in got.iter().enumerate() {
+                    s.side[side].push(figures[i]);
+                    if side > 0 {
+                        s.ratio[side - 1].push(figures[i] / got[0][i]);
+                    }
+                }
             }
         }
     }
 
-    println!("\n{reps} rounds: median (min–max); ratio = median of per-round fuse/bind");
-    println!(
-        "{:<26} | {:>24} | {:>24} | {:>17}",
-        "op", "bind", "fuse", "ratio"
-    );
-    println!("{:-<26}-+-{:-<24}-+-{:-<24}-+-{:-<17}", "", "", "", "");
+    println!("\n{reps} rounds: median (min–max); ratio = median of per-round side/bind");
+    let mut header = format!("{:<26} | {:>24}", "op", "bind");
+    let mut rule = format!("{:-<26}-+-{:-<24}", "", "");
+    for (label, _) in &sides[1..] {
+        header += &format!(" | {label:>24} | {:>17}", format!("{label}/bind"));
+        rule += &format!("-+-{:-<24}-+-{:-<17}", "", "");
+    }
+    println!("{header}\n{rule}");
     for ((name, unit), s) in ROWS.iter().zip(&samples) {
         if s.ratio.is_empty() {
             continue;
@@ -350,19 +373,24 @@ fn main() {
             let (lo, hi) = spread(v);
             format!("{:>6.0} ({:>5.0}–{:<5.0}) {unit}", median(v), lo, hi)
         };
-        let (lo, hi) = spread(&s.ratio);
-        println!(
-            "{name:<26} | {:>24} | {:>24} | {:>5.2} ({:.2}–{:.2})",
-            cell(&s.bind),
-            cell(&s.fuse),
-            median(&s.ratio),
-            lo,
-            hi
-        );
+        let mut line = format!("{name:<26} | {:>24}", cell(&s.side[0]));
+        for (side, ratio) in s.side[1..].iter().zip(&s.ratio) {
+            let (lo, hi) = spread(ratio);
+            line += &format!(
+                " | {:>24} | {:>5.2} ({:.2}–{:.2})",
+                cell(side),
+                median(ratio),
+                lo,
+                hi
+            );
+        }
+        println!("{line}");
     }
     println!("\ntotal {:.1?}", started.elapsed());
 
-    volume.unmount().expect("unmount FUSE");
+    for (_, (_, volume)) in fuse_sides {
+        volume.unmount().expect("unmount FUSE");
+    }
     rustix::mount::unmount(bind_target.path(), rustix::mount::UnmountFlags::empty())
         .expect("unmount bind");
 }

@@ -150,3 +150,59 @@ fn kernel_fence_suites_pass_inside_a_vm() {
         started.elapsed()
     );
 }
+
+/// The data-path benchmark (`benches/datapath.rs`) inside the VM, on the newest kernel
+/// there: bind mount, FUSE, and FUSE with passthrough under the kernel fence, in the
+/// same rounds. `HOLDFAST_BENCH_*` variables are passed on to the guest. The backing
+/// directory is the guest's tmpfs, and TCG emulates every instruction of both sides.
+#[test]
+#[ignore = "a benchmark, minutes of emulated I/O: run with `cargo test -p holdfast-driver --test kernel_fence_vm -- --ignored --nocapture`"]
+fn datapath_benchmark_inside_a_vm() {
+    if let Some(why) = vm::unavailable() {
+        panic!("no VM: {why}");
+    }
+    let out = holdfast_core::testkit::cargo::cargo_command()
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args([
+            "bench",
+            "--quiet",
+            "-p",
+            "holdfast-driver",
+            "--bench",
+            "datapath",
+        ])
+        .args(["--no-run", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("cargo runs");
+    assert!(out.status.success(), "building the benchmark failed");
+    let bench = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|m| m["target"]["name"] == "datapath")
+        .and_then(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo built benches/datapath.rs");
+    let kernel = vm::kernels()
+        .unwrap()
+        .into_iter()
+        .max_by_key(|k| version(&k.name))
+        .unwrap();
+    let env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("HOLDFAST_BENCH_"))
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (&**k, &**v)).collect();
+    let run = vm::run(
+        &kernel,
+        &bench,
+        &["--bench"],
+        &env,
+        Duration::from_secs(3 * 3600),
+    )
+    .expect("the VM starts");
+    println!("{}", run.console);
+    println!(
+        "kernel {}, LSMs {}, {:.1?}",
+        run.release, run.lsms, run.took
+    );
+    assert!(run.passed(), "the benchmark failed");
+}

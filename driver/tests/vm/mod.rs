@@ -174,6 +174,9 @@ mount -t bpf bpf /sys/fs/bpf
 for d in /tmp /var/tmp /run; do mount -t tmpfs tmpfs $d; done
 echo "{KERNEL_MARK}$(uname -r)"
 echo "{LSM_MARK}$(cat /sys/kernel/security/lsm)"
+# The kernel's default of 1024 open files is for init alone; a FUSE daemon holds one
+# per inode it knows, as it may on a host.
+ulimit -n 1048576
 cd /tmp
 env {env} RUST_BACKTRACE=1 {command}
 echo "{EXIT_MARK}$?"
