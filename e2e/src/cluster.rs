@@ -1,5 +1,15 @@
-//! [`Cluster`]: one real etcd, the real controller and N real node plugins, each plugin
-//! in its own network namespace, over one shared backend root.
+//! [`Cluster`]: one real lease store, the real controller and N real node plugins, each
+//! plugin in its own network namespace, over one shared backend root.
+//!
+//! The store is a real etcd ([`StoreKind::Etcd`]) or a real kube-apiserver
+//! ([`StoreKind::Kubernetes`]: the core testkit's control plane, Lease objects in
+//! namespace `holdfast`). With Kubernetes every process acts as the identity the chart
+//! gives it — the plugins as the node ServiceAccount, the controller and the fence CLI
+//! as the controller ServiceAccount — under the chart's RBAC (`manifests/deploy/
+//! 20-rbac.yaml`, applied before anything starts), and the API server keeps an audit
+//! log, so a test can check that every call was allowed and every grant used. Either
+//! store listens on all addresses; each namespace reaches it through its veth's host
+//! end, so a partition cuts the node off it.
 //!
 //! Layout under the run's temp dir (`/tmp/hf-e2e-<pid>-*`): `backend/` (the shared root),
 //! `controller.sock`, `controller.log`, and per node `node<k>/` with `csi.sock`,
@@ -20,6 +30,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use holdfast_core::testkit::etcd::{EtcdOptions, EtcdServer};
+use holdfast_core::testkit::kube::{ControlPlane, ControlPlaneOptions, Identity};
 
 use crate::netns::{self, NetNs};
 use crate::process::{supported_flags, Daemon};
@@ -63,6 +74,68 @@ impl LeaseTiming {
     }
 }
 
+/// Which lease store a cluster runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Etcd,
+    Kubernetes,
+}
+
+/// The running lease store.
+pub enum LeaseServer {
+    Etcd(EtcdServer),
+    Kubernetes(Box<ControlPlane>),
+}
+
+/// The namespace of the kubernetes store's Lease objects (the chart's release namespace).
+pub const LEASE_NAMESPACE: &str = "holdfast";
+
+/// The chart's RBAC with its default values, as `kubectl apply` would take it.
+pub const CHART_RBAC: &str = include_str!("../../manifests/deploy/20-rbac.yaml");
+
+impl LeaseServer {
+    /// The store's client port.
+    pub fn port(&self) -> u16 {
+        match self {
+            LeaseServer::Etcd(etcd) => etcd.client_port(),
+            LeaseServer::Kubernetes(plane) => plane.port(),
+        }
+    }
+
+    /// What a process running as `identity`, reaching the store through `ip`, puts
+    /// before its program (`env KUBECONFIG=…`) and after it (the `--lease-*` flags
+    /// `bin` knows).
+    fn command_for(
+        &self,
+        bin: &Path,
+        subcommand: Option<&str>,
+        identity: &Identity,
+        ip: IpAddr,
+        timing: LeaseTiming,
+    ) -> (Vec<String>, Vec<String>) {
+        let (env, store) = match self {
+            LeaseServer::Etcd(etcd) => (
+                Vec::new(),
+                vec![
+                    ("--lease-store", "etcd".to_string()),
+                    ("--etcd-endpoints", etcd.client_url_at(ip)),
+                ],
+            ),
+            LeaseServer::Kubernetes(plane) => (
+                vec![
+                    "env".to_string(),
+                    format!("KUBECONFIG={}", plane.kubeconfig_at(identity, ip).display()),
+                ],
+                vec![
+                    ("--lease-store", "kubernetes".to_string()),
+                    ("--lease-namespace", LEASE_NAMESPACE.to_string()),
+                ],
+            ),
+        };
+        (env, lease_flags(bin, subcommand, store, timing))
+    }
+}
+
 /// One node: its namespace and its plugin process.
 pub struct Node {
     pub k: usize,
@@ -77,7 +150,7 @@ pub struct Cluster {
     /// The shared backend root.
     pub root: PathBuf,
     pub timing: LeaseTiming,
-    pub etcd: EtcdServer,
+    pub store: LeaseServer,
     pub controller: Daemon,
     nodes: Vec<Node>,
     _tmp: tempfile::TempDir,
@@ -92,6 +165,19 @@ impl Cluster {
     }
 
     pub async fn start_with(n: usize, timing: LeaseTiming) -> Cluster {
+        Self::start_on(StoreKind::Etcd, n, timing)
+            .await
+            .expect("an etcd cluster always starts")
+    }
+
+    /// Like [`Cluster::start`] on a real kube-apiserver, or `None` after printing why
+    /// `test` skips (no Kubernetes binaries, and `HOLDFAST_REQUIRE_KUBE` unset).
+    pub async fn start_kubernetes(test: &str, n: usize) -> Option<Cluster> {
+        holdfast_core::testkit::kube::find_or_skip(test, &["kube-apiserver"])?;
+        Self::start_on(StoreKind::Kubernetes, n, LeaseTiming::short()).await
+    }
+
+    async fn start_on(kind: StoreKind, n: usize, timing: LeaseTiming) -> Option<Cluster> {
         let serial = serial_lock();
         netns::remove_stale();
         stale::remove_stale_dirs();
@@ -102,24 +188,44 @@ impl Cluster {
         let base = tmp.path().canonicalize().expect("canonical temp dir");
         let root = base.join("backend");
         std::fs::create_dir_all(&root).expect("backend root");
-        let etcd = EtcdServer::start_with(EtcdOptions {
-            listen_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            ..EtcdOptions::default()
-        });
+        // Namespaces first: their host addresses go into the API server's certificate.
+        let number = CLUSTERS.fetch_add(1, Ordering::Relaxed);
+        let namespaces: Vec<NetNs> = (1..=n).map(|k| NetNs::create(number, k)).collect();
+        let store = match kind {
+            StoreKind::Etcd => LeaseServer::Etcd(EtcdServer::start_with(EtcdOptions {
+                listen_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                ..EtcdOptions::default()
+            })),
+            StoreKind::Kubernetes => {
+                let options = ControlPlaneOptions {
+                    listen_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    extra_ips: namespaces.iter().map(|ns| IpAddr::V4(ns.host_ip)).collect(),
+                    audit: true,
+                    ..ControlPlaneOptions::default()
+                };
+                let plane = ControlPlane::start_or_skip("e2e cluster", options).await?;
+                plane.ensure_namespace(LEASE_NAMESPACE).await;
+                plane.apply_yaml(CHART_RBAC).await;
+                LeaseServer::Kubernetes(Box::new(plane))
+            }
+        };
 
         let controller_bin = bins::controller();
-        let mut command = vec![controller_bin.display().to_string()];
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (mut command, flags) = store.command_for(
+            &controller_bin,
+            None,
+            &Identity::controller(),
+            loopback,
+            timing,
+        );
+        command.push(controller_bin.display().to_string());
         command.extend(serve_args(
             &controller_bin,
             &base.join("controller.sock"),
             &root,
         ));
-        command.extend(lease_flags(
-            &controller_bin,
-            None,
-            &etcd.client_url(),
-            timing,
-        ));
+        command.extend(flags);
         let controller = Daemon::start(
             command,
             base.join("controller.sock"),
@@ -131,40 +237,47 @@ impl Cluster {
             base,
             root,
             timing,
-            etcd,
+            store,
             controller,
             nodes: Vec::new(),
             _tmp: tmp,
             _serial: serial,
         };
-        let number = CLUSTERS.fetch_add(1, Ordering::Relaxed);
-        for k in 1..=n {
-            let node = cluster.start_node(number, k).await;
+        for (k, ns) in (1..=n).zip(namespaces) {
+            let node = cluster.start_node(k, ns).await;
             cluster.nodes.push(node);
         }
-        cluster
+        Some(cluster)
     }
 
-    async fn start_node(&self, cluster: u32, k: usize) -> Node {
-        let ns = NetNs::create(cluster, k);
+    async fn start_node(&self, k: usize, ns: NetNs) -> Node {
         let id = format!("node{k}");
         let dir = self.base.join(&id);
         std::fs::create_dir_all(dir.join("pods")).expect("node dir");
         let driver = bins::driver();
         let socket = dir.join("csi.sock");
+        let (env, flags) = self.store.command_for(
+            &driver,
+            None,
+            &Identity::node_plugin(),
+            IpAddr::V4(ns.host_ip),
+            self.timing,
+        );
         let mut command = vec![
             "nsenter".to_string(),
             format!("--net={}", ns.path()),
             "--".to_string(),
+        ];
+        command.extend(env);
+        command.extend([
             driver.display().to_string(),
             format!("--endpoint=unix://{}", socket.display()),
             format!("--node-id={id}"),
             format!("--backend-root={}", self.root.display()),
             format!("--state-dir={}", dir.join("state").display()),
             "--log-level=debug".to_string(),
-        ];
-        let etcd_url = self.etcd.client_url_at(IpAddr::V4(ns.host_ip));
-        command.extend(lease_flags(&driver, None, &etcd_url, self.timing));
+        ]);
+        command.extend(flags);
         let plugin = Daemon::start(command, socket, dir.join("plugin.log")).await;
         Node {
             k,
@@ -172,6 +285,14 @@ impl Cluster {
             dir,
             plugin,
             ns,
+        }
+    }
+
+    /// The control plane, when the cluster runs on the kubernetes store.
+    pub fn control_plane(&self) -> Option<&ControlPlane> {
+        match &self.store {
+            LeaseServer::Kubernetes(plane) => Some(plane),
+            LeaseServer::Etcd(_) => None,
         }
     }
 
@@ -209,29 +330,29 @@ impl Cluster {
         self.node_mut(k).plugin.restart().await;
     }
 
-    /// The etcd address as node `k` reaches it.
-    pub fn etcd_addr_from(&self, k: usize) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.node(k).ns.host_ip), self.etcd.client_port())
+    /// The lease store's address as node `k` reaches it.
+    pub fn store_addr_from(&self, k: usize) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.node(k).ns.host_ip), self.store.port())
     }
 
-    /// Cuts node `k` off the network (etcd unreachable; the backend root is not
-    /// network storage here, so it stays reachable). Verified by a failing connect.
+    /// Cuts node `k` off the network (the lease store unreachable; the backend root is
+    /// not network storage here, so it stays reachable). Verified by a failing connect.
     pub fn partition(&self, k: usize) {
         self.node(k).ns.partition();
-        let addr = self.etcd_addr_from(k);
+        let addr = self.store_addr_from(k);
         assert!(
             !self
                 .node(k)
                 .ns
                 .can_connect(addr, Duration::from_millis(300)),
-            "node{k} still reaches etcd at {addr} after the partition"
+            "node{k} still reaches the lease store at {addr} after the partition"
         );
     }
 
-    /// Restores node `k`'s link; returns once it reaches etcd again.
+    /// Restores node `k`'s link; returns once it reaches the lease store again.
     pub fn heal(&self, k: usize) {
         self.node(k).ns.heal();
-        let addr = self.etcd_addr_from(k);
+        let addr = self.store_addr_from(k);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self
             .node(k)
@@ -240,31 +361,45 @@ impl Cluster {
         {
             assert!(
                 Instant::now() < deadline,
-                "node{k} cannot reach etcd after heal"
+                "node{k} cannot reach the lease store after heal"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// `holdfast-controller fence --node node<k>` against this cluster's etcd: the
-    /// admin's (or a fencing agent's) fence. `Err` carries the command's output.
+    /// `holdfast-controller fence --node node<k>` against this cluster's store, as the
+    /// controller's identity: the admin's (or a fencing agent's) fence. `Err` carries the
+    /// command's output.
     pub fn fence(&self, k: usize) -> Result<String, String> {
         let bin = bins::controller();
         let known = supported_flags(&bin, Some("fence"));
         if !known.iter().any(|f| f == "--node") {
             return Err("holdfast-controller has no `fence --node` verb in this build".into());
         }
-        let out = std::process::Command::new(&bin)
-            .arg("fence")
-            .arg(format!("--node={}", self.node(k).id))
-            .args(lease_flags(
-                &bin,
-                Some("fence"),
-                &self.etcd.client_url(),
-                self.timing,
-            ))
+        self.controller_cli("fence", &[format!("--node={}", self.node(k).id)])
+    }
+
+    /// `holdfast-controller <subcommand> <args>` against this cluster's store, as the
+    /// controller's identity. `Ok` carries stdout and stderr; `Err` also the status.
+    pub fn controller_cli(&self, subcommand: &str, args: &[String]) -> Result<String, String> {
+        let bin = bins::controller();
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (env, flags) = self.store.command_for(
+            &bin,
+            Some(subcommand),
+            &Identity::controller(),
+            loopback,
+            self.timing,
+        );
+        let mut argv = env;
+        argv.push(bin.display().to_string());
+        argv.push(subcommand.to_string());
+        argv.extend(args.iter().cloned());
+        argv.extend(flags);
+        let out = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
             .output()
-            .map_err(|e| format!("running holdfast-controller fence: {e}"))?;
+            .map_err(|e| format!("running holdfast-controller {subcommand}: {e}"))?;
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -273,7 +408,7 @@ impl Cluster {
         if out.status.success() {
             Ok(text)
         } else {
-            Err(format!("fence exited with {}: {text}", out.status))
+            Err(format!("{subcommand} exited with {}: {text}", out.status))
         }
     }
 
@@ -334,8 +469,8 @@ impl Drop for Cluster {
         }
         mounts::sweep(&self.base);
         self.controller.kill();
-        // Fields drop next: etcd is killed, namespaces and veths deleted, the temp dir
-        // removed, and the serial lock released last.
+        // Fields drop next: the store is killed, namespaces and veths deleted, the temp
+        // dir removed, and the serial lock released last.
     }
 }
 
@@ -353,17 +488,16 @@ fn serve_args(bin: &Path, socket: &Path, root: &Path) -> Vec<String> {
     args
 }
 
-/// The shared lease flags, each only if `bin` (`subcommand`) knows it.
+/// The lease flags (`store`'s and the shared timing), each only if `bin`
+/// (`subcommand`) knows it.
 fn lease_flags(
     bin: &Path,
     subcommand: Option<&str>,
-    etcd_url: &str,
+    store: Vec<(&str, String)>,
     timing: LeaseTiming,
 ) -> Vec<String> {
     let known = supported_flags(bin, subcommand);
-    let wanted = [
-        ("--lease-store", "etcd".to_string()),
-        ("--etcd-endpoints", etcd_url.to_string()),
+    let timing_flags = [
         (
             "--lease-duration",
             format!("{}ms", timing.duration.as_millis()),
@@ -371,8 +505,9 @@ fn lease_flags(
         ("--lease-margin", format!("{}ms", timing.margin.as_millis())),
         ("--lease-epsilon", timing.epsilon.to_string()),
     ];
-    wanted
+    store
         .into_iter()
+        .chain(timing_flags)
         .filter(|(flag, _)| known.iter().any(|k| k == flag))
         .map(|(flag, value)| format!("{flag}={value}"))
         .collect()

@@ -1,6 +1,7 @@
 //! The end-to-end harness: the whole system on one machine, with faults.
 //!
-//! A [`Cluster`] runs one real etcd, the real `holdfast-controller` and N real
+//! A [`Cluster`] runs one real lease store (etcd, or a kube-apiserver for the
+//! kubernetes store), the real `holdfast-controller` and N real
 //! `holdfast-driver` node plugins, each plugin in its own network namespace (so a
 //! partition cuts exactly one node off the store), all over one backend root standing in
 //! for the shared filesystem. Tests drive it as a CO would (CreateVolume, attach,
@@ -41,7 +42,7 @@ pub mod stale;
 pub mod writer;
 
 pub use checker::Landed;
-pub use cluster::{Cluster, LeaseTiming};
+pub use cluster::{Cluster, LeaseTiming, StoreKind};
 pub use csi::Volume;
 pub use writer::Writer;
 
@@ -50,4 +51,28 @@ pub mod errno {
     pub const EIO: i32 = libc::EIO;
     pub const ENOTCONN: i32 = libc::ENOTCONN;
     pub const ECONNABORTED: i32 = libc::ECONNABORTED;
+}
+
+/// Runs a scenario `async fn name(cluster: Cluster)` on both lease stores, as the tests
+/// `name::etcd` and `name::kubernetes` (the latter skips without Kubernetes binaries,
+/// unless `HOLDFAST_REQUIRE_KUBE=1`): the same faults, invariant checks and failover
+/// bounds on each.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($scenario:ident, $nodes:expr) => {
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn etcd() {
+                super::$scenario($crate::Cluster::start($nodes).await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn kubernetes() {
+                let test = concat!(stringify!($scenario), "::kubernetes");
+                if let Some(cluster) = $crate::Cluster::start_kubernetes(test, $nodes).await {
+                    super::$scenario(cluster).await;
+                }
+            }
+        }
+    };
 }

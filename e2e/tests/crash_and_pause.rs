@@ -4,7 +4,9 @@
 //! takeover. The restart path proves a dead predecessor through its flock and releases
 //! its claims at once.
 //!
-//! Each test prints its measured figures (run with `--nocapture` to see them).
+//! Each scenario runs on etcd and on the kubernetes store (a real kube-apiserver), as
+//! `<scenario>::etcd` and `<scenario>::kubernetes`, with the same bounds. Each test
+//! prints its measured figures (run with `--nocapture` to see them).
 
 use std::time::{Duration, Instant};
 
@@ -21,9 +23,9 @@ fn earliest_takeover(cluster: &Cluster) -> Duration {
     cluster.timing.takeover_after() - cluster.timing.renew_interval()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paused_holder_gets_eio_and_nothing_lands() {
-    let cluster = Cluster::start(2).await;
+holdfast_e2e::on_both_stores!(paused_holder_gets_eio_and_nothing_lands, 2);
+
+async fn paused_holder_gets_eio_and_nothing_lands(cluster: Cluster) {
     let timing = cluster.timing;
     let volume = cluster.create_volume("paused", &[]).await;
     let target1 = cluster
@@ -92,9 +94,9 @@ async fn paused_holder_gets_eio_and_nothing_lands() {
     landed.no_interleave("a", "b").unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_plugin_leaves_writer_with_enotconn() {
-    let mut cluster = Cluster::start(2).await;
+holdfast_e2e::on_both_stores!(killed_plugin_leaves_writer_with_enotconn, 2);
+
+async fn killed_plugin_leaves_writer_with_enotconn(mut cluster: Cluster) {
     let timing = cluster.timing;
     let volume = cluster.create_volume("killed", &[]).await;
     let target1 = cluster
@@ -139,9 +141,12 @@ async fn killed_plugin_leaves_writer_with_enotconn() {
     landed.no_interleave("a", "b").unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restarted_plugin_releases_dead_predecessors_claims_at_once() {
-    let mut cluster = Cluster::start(2).await;
+holdfast_e2e::on_both_stores!(
+    restarted_plugin_releases_dead_predecessors_claims_at_once,
+    2
+);
+
+async fn restarted_plugin_releases_dead_predecessors_claims_at_once(mut cluster: Cluster) {
     let timing = cluster.timing;
     let volume = cluster.create_volume("restarted", &[]).await;
     let target1 = cluster
@@ -187,9 +192,9 @@ async fn restarted_plugin_releases_dead_predecessors_claims_at_once() {
     landed.no_interleave("a", "b").unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wait_mode_publish_is_granted_once_a_killed_holder_expires() {
-    let mut cluster = Cluster::start(2).await;
+holdfast_e2e::on_both_stores!(wait_mode_publish_is_granted_once_a_killed_holder_expires, 2);
+
+async fn wait_mode_publish_is_granted_once_a_killed_holder_expires(mut cluster: Cluster) {
     let timing = cluster.timing;
     let volume = cluster
         .create_volume("wait-crash", &[("onConflict", "wait")])

@@ -18,12 +18,12 @@ async fn cluster_runs_publishes_writes_and_partitions() {
         assert_ne!(ns, host_ns, "node{k} runs in the host's network namespace");
     }
 
-    // Partition cuts exactly one node off etcd; heal restores it.
+    // Partition cuts exactly one node off the lease store; heal restores it.
     cluster.partition(1);
     assert!(cluster
         .node(2)
         .ns
-        .can_connect(cluster.etcd_addr_from(2), Duration::from_secs(1)));
+        .can_connect(cluster.store_addr_from(2), Duration::from_secs(1)));
     cluster.heal(1);
 
     let volume = cluster.create_volume("harness", &[]).await;

@@ -8,7 +8,9 @@
 //! before the volume can move. And with `fenceAction: freeze`, a
 //! fenced volume's writes block instead of failing, until unmount or the plugin's end.
 //!
-//! Each test prints its measured figures (run with `--nocapture` to see them).
+//! The epoch scenario runs on etcd and on the kubernetes store (a real kube-apiserver),
+//! as `epoch_on_storage_stops_partitioned_holder::{etcd,kubernetes}`. Each test prints
+//! its measured figures (run with `--nocapture` to see them).
 
 use std::time::{Duration, Instant};
 
@@ -24,9 +26,9 @@ fn file_len(cluster: &Cluster, volume_id: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn epoch_on_storage_stops_partitioned_holder() {
-    let cluster = Cluster::start(2).await;
+holdfast_e2e::on_both_stores!(epoch_on_storage_stops_partitioned_holder, 2);
+
+async fn epoch_on_storage_stops_partitioned_holder(cluster: Cluster) {
     let timing = cluster.timing;
     let volume = cluster.create_volume("epoch", &[]).await;
     let target1 = cluster
