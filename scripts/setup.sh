@@ -44,6 +44,8 @@ apt_install() {
 command -v fusermount3 >/dev/null || apt_install fuse3
 # Network namespaces for the end-to-end tests' partitions.
 command -v ip >/dev/null || apt_install iproute2
+# ../shared/k8s/unpack decompresses the test control plane's binaries with xz.
+command -v xz >/dev/null || apt_install xz-utils
 
 # The kernel fence's tests boot a kernel that runs BPF LSM under QEMU (see
 # core/src/testkit/vm.rs): QEMU from bookworm-backports (the version those kernels are
