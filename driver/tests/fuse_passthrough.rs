@@ -6,7 +6,8 @@
 //!
 //! Every test needs a kernel that runs BPF LSM programs; where the kernel fence cannot
 //! be loaded the data path serves every open through the daemon, and these tests say
-//! why and return.
+//! why and return. `tests/kernel_fence_vm.rs` runs them in a VM on kernels that can,
+//! and fails if they skipped there.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};

@@ -2,7 +2,8 @@
 //! syscalls, a real paused process. A test that needs the programs attached is skipped,
 //! with the reason printed, only when this kernel cannot run BPF LSM programs at all
 //! ([`open_or_skip`]); the programs still go through the kernel's verifier
-//! ([`both_programs_pass_the_verifier`]).
+//! ([`both_programs_pass_the_verifier`]). `tests/kernel_fence_vm.rs` runs them in a VM
+//! on kernels that run BPF LSM, where none may skip.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
