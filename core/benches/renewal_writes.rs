@@ -2,8 +2,11 @@
 //! claims grows. Renewal is per session, never per claim, so writes per second must stay
 //! flat: O(nodes), not O(volumes).
 //!
-//! `cargo bench -p holdfast-core --bench renewal_writes` prints one row per claim
-//! count, with the ratio against the 1-claim baseline measured in the same run.
+//! `cargo bench -p holdfast-core --bench renewal_writes` prints one row per store and
+//! claim count, with the ratio against that store's 1-claim baseline measured in the
+//! same run: the in-memory store, and the kubernetes store on a real kube-apiserver
+//! (skipped with a note where no Kubernetes binaries are found; see
+//! `holdfast_core::testkit::kube`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,20 +17,29 @@ use holdfast_core::lease::{
     ClaimRecord, DataPaths, LeaseParams, NodeFence, NodeIdentity, SessionKey, SessionLease,
     SessionRecord,
 };
-use holdfast_core::store::{LeaseStore, MemoryStore, StoreError, Version, Versioned};
+use holdfast_core::store::{
+    KubernetesStore, LeaseStore, MemoryStore, StoreError, Version, Versioned,
+};
+use holdfast_core::testkit::kube::{ControlPlane, ControlPlaneOptions};
 
 const SESSIONS: usize = 3;
 const WINDOW: Duration = Duration::from_secs(2);
 
 /// Counts the calls that reach the store.
-#[derive(Default)]
 struct Counting {
-    inner: MemoryStore,
+    inner: Arc<dyn LeaseStore>,
     writes: AtomicU64,
     reads: AtomicU64,
 }
 
 impl Counting {
+    fn new(inner: Arc<dyn LeaseStore>) -> Self {
+        Counting {
+            inner,
+            writes: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+        }
+    }
     fn read(&self) {
         self.reads.fetch_add(1, Ordering::Relaxed);
     }
@@ -43,6 +55,8 @@ impl Counting {
 }
 
 type R<T> = Result<T, StoreError>;
+/// A fresh store for each row.
+type MakeStore = Box<dyn Fn() -> Arc<dyn LeaseStore>>;
 
 #[async_trait]
 impl LeaseStore for Counting {
@@ -96,8 +110,8 @@ impl LeaseStore for Counting {
 }
 
 /// Store writes and reads per second with `claims` claims held by `SESSIONS` sessions.
-async fn measure(claims: usize, params: LeaseParams) -> (f64, f64) {
-    let counting = Arc::new(Counting::default());
+async fn measure(claims: usize, params: LeaseParams, inner: Arc<dyn LeaseStore>) -> (f64, f64) {
+    let counting = Arc::new(Counting::new(inner));
     let store: Arc<dyn LeaseStore> = counting.clone();
     let dirs: Vec<_> = (0..SESSIONS)
         .map(|_| tempfile::tempdir().unwrap())
@@ -105,7 +119,7 @@ async fn measure(claims: usize, params: LeaseParams) -> (f64, f64) {
     let mut sessions = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
         let identity = NodeIdentity {
-            node: format!("node{i}"),
+            node: format!("r{claims}-node{i}"),
             boot_id: "boot".into(),
             machine_id: format!("machine{i}"),
         };
@@ -117,7 +131,7 @@ async fn measure(claims: usize, params: LeaseParams) -> (f64, f64) {
     for v in 0..claims {
         let lease = &sessions[v % SESSIONS];
         lease
-            .acquire(&format!("vol{v}"), &format!("pod{v}"), None)
+            .acquire(&format!("r{claims}-vol{v}"), &format!("pod{v}"), None)
             .await
             .unwrap();
     }
@@ -146,17 +160,34 @@ fn main() {
         params.duration, WINDOW
     );
     println!(
-        "{:>8} {:>12} {:>8} {:>12} {:>8}",
-        "claims", "writes/s", "ratio", "reads/s", "ratio"
+        "{:<12} {:>8} {:>12} {:>8} {:>12} {:>8}",
+        "store", "claims", "writes/s", "ratio", "reads/s", "ratio"
     );
-    let mut baseline = None;
-    for claims in [1, 10, 100, 1000] {
-        let (writes, reads) = runtime.block_on(measure(claims, params));
-        let (bw, br) = *baseline.get_or_insert((writes, reads));
-        println!(
-            "{claims:>8} {writes:>12.1} {:>8.2} {reads:>12.1} {:>8.2}",
-            writes / bw,
-            reads / br
-        );
+    let plane = runtime.block_on(async {
+        let bins = holdfast_core::testkit::kube::find_or_skip("renewal_writes", &[])?;
+        let plane = ControlPlane::start(bins, ControlPlaneOptions::default()).await;
+        plane.ensure_namespace("holdfast").await;
+        Some(plane)
+    });
+    let mut stores: Vec<(&str, MakeStore)> =
+        vec![("memory", Box::new(|| Arc::new(MemoryStore::new())))];
+    if let Some(plane) = &plane {
+        let client = runtime.block_on(plane.admin());
+        stores.push((
+            "kubernetes",
+            Box::new(move || Arc::new(KubernetesStore::new(client.clone(), "holdfast"))),
+        ));
+    }
+    for (name, store) in &stores {
+        let mut baseline = None;
+        for claims in [1, 10, 100, 1000] {
+            let (writes, reads) = runtime.block_on(measure(claims, params, store()));
+            let (bw, br) = *baseline.get_or_insert((writes, reads));
+            println!(
+                "{name:<12} {claims:>8} {writes:>12.1} {:>8.2} {reads:>12.1} {:>8.2}",
+                writes / bw,
+                reads / br
+            );
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! Latency of the lease store operations the protocol makes most: `get_claim` and a
-//! compare-and-swap `put_claim`, on the in-memory store (the baseline) and on a real
-//! etcd (with fsync, as in production, and without). Prints p50 / p99 / ops per
+//! compare-and-swap `put_claim`, on the in-memory store (the baseline), on a real etcd
+//! (with fsync, as in production, and without), and on the kubernetes store against a
+//! real kube-apiserver whose etcd fsyncs (skipped with a note where no Kubernetes
+//! binaries are found; see `holdfast_core::testkit::kube`). Prints p50 / p99 / ops per
 //! second and the p50 ratio to the memory baseline of the same run.
 //!
 //! `cargo bench -p holdfast-core --bench store_latency` (iterations per row:
@@ -10,8 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use holdfast_core::lease::{ClaimRecord, ClaimState, Holder};
-use holdfast_core::store::{LeaseStore, MemoryStore};
+use holdfast_core::store::{KubernetesStore, LeaseStore, MemoryStore};
 use holdfast_core::testkit::etcd::EtcdServer;
+use holdfast_core::testkit::kube::{ControlPlane, ControlPlaneOptions};
 
 struct Row {
     store: &'static str,
@@ -119,6 +122,17 @@ async fn main() {
         )
         .await,
     );
+
+    if let Some(bins) = holdfast_core::testkit::kube::find_or_skip("store_latency", &[]) {
+        let options = ControlPlaneOptions {
+            durable_etcd: true,
+            ..ControlPlaneOptions::default()
+        };
+        let plane = ControlPlane::start(bins, options).await;
+        plane.ensure_namespace("holdfast").await;
+        let store = KubernetesStore::new(plane.admin().await, "holdfast");
+        rows.extend(measure("kubernetes", Arc::new(store), n.unwrap_or(2000)).await);
+    }
 
     println!(
         "{:<16} {:<16} {:>7} {:>10} {:>10} {:>10} {:>12}",

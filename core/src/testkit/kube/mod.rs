@@ -108,6 +108,8 @@ pub struct ControlPlaneOptions {
     pub service_accounts: Vec<(String, String)>,
     /// Extra kube-apiserver flags, e.g. `--max-requests-inflight=1`.
     pub apiserver_args: Vec<String>,
+    /// etcd fsyncs every commit, as in production (benchmarks); tests leave it off.
+    pub durable_etcd: bool,
 }
 
 impl Default for ControlPlaneOptions {
@@ -122,6 +124,7 @@ impl Default for ControlPlaneOptions {
                 ("holdfast".to_string(), "holdfast-controller".to_string()),
             ],
             apiserver_args: Vec::new(),
+            durable_etcd: false,
         }
     }
 }
@@ -153,7 +156,10 @@ impl ControlPlane {
 
     /// Starts a control plane from `bins`. Panics if it does not become ready.
     pub async fn start(bins: KubeBinaries, options: ControlPlaneOptions) -> Self {
-        let etcd = EtcdServer::start_with(EtcdOptions::default());
+        let etcd = EtcdServer::start_with(EtcdOptions {
+            durable: options.durable_etcd,
+            ..EtcdOptions::default()
+        });
         let dir = tempfile::Builder::new()
             .prefix("hf-kube-")
             .tempdir()
