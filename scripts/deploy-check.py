@@ -320,6 +320,32 @@ def check_examples_match_chart():
     check(sts["spec"]["replicas"] == 1, "the db example runs one replica")
 
 
+def check_parameter_comments():
+    """The values the comments offer for a StorageClass parameter are values the driver
+    accepts (read from the parser in core/src/backend/params.rs), in values.yaml and in
+    the example StorageClass."""
+    source = (ROOT / "core" / "src" / "backend" / "params.rs").read_text()
+    accepted = {}
+    for value, kind in re.findall(r'"(\w+)" => (OnConflict|DataPath|FenceAction)::', source):
+        accepted.setdefault(kind, set()).add(value)
+    params = {"onConflict": "OnConflict", "dataPath": "DataPath", "fenceAction": "FenceAction"}
+    check(set(accepted) == set(params.values()), f"parameter parser not found: {sorted(accepted)}")
+    for path in (CHART / "values.yaml", MANIFESTS / "examples" / "storageclass.yaml"):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            key = line.strip().split(":")[0]
+            if key not in params:
+                continue
+            j, comment = i - 1, []
+            while j >= 0 and lines[j].strip().startswith("#"):
+                comment.append(lines[j])
+                j -= 1
+            offered = set(re.findall(r'"(\w+)"', " ".join(comment)))
+            wrong = offered - accepted[params[key]] - {"true", "false"}
+            check(not wrong, f"{path.relative_to(ROOT)}: the comment on {key} offers {sorted(wrong)}, "
+                             f"which the driver refuses (it accepts {sorted(accepted[params[key]])})")
+
+
 def check_binaries_accept_chart(binaries):
     """The binaries parse what the chart passes them (flags and HOLDFAST_* variables).
 
@@ -364,6 +390,7 @@ CHECKS = [
     check_bad_values_refused,
     check_deploy_mirrors_chart,
     check_examples_match_chart,
+    check_parameter_comments,
 ]
 
 
