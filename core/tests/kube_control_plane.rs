@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use holdfast_core::testkit::kube::{ControlPlane, ControlPlaneOptions, Identity};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 
 #[tokio::test]
 async fn identities_are_authorized_by_rbac_not_trusted() {
@@ -38,21 +38,22 @@ async fn controllers_schedule_a_pod_and_drop_removes_everything() {
     };
     let client = plane.admin().await;
     let nodes: Api<Node> = Api::all(client.clone());
-    let node: Node = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "node-a"},
-        "status": {
-            "capacity": {"cpu": "2", "memory": "4Gi", "pods": "10"},
-            "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "10"},
-            "conditions": [{"type": "Ready", "status": "True"}]
-        }
-    }))
-    .unwrap();
-    let created = nodes.create(&PostParams::default(), &node).await.unwrap();
-    // Status is a subresource: set it so the scheduler sees a Ready node with room.
-    let mut with_status = created.clone();
-    with_status.status = node.status.clone();
+    let status = serde_json::json!({
+        "capacity": {"cpu": "2", "memory": "4Gi", "pods": "10"},
+        "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "10"},
+        "conditions": [{"type": "Ready", "status": "True"}]
+    });
+    let node: Node =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "node-a"}})).unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    // Status is a subresource. A merge patch, not a replace: the node lifecycle
+    // controller writes the new Node too (taints), and a replace would race it.
     nodes
-        .replace_status("node-a", &PostParams::default(), &with_status)
+        .patch_status(
+            "node-a",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": status })),
+        )
         .await
         .unwrap();
     let pods: Api<Pod> = Api::namespaced(client, "default");
