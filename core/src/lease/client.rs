@@ -9,11 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::clock::Mono;
-use crate::lease::decide::{
-    claim_liveness, claim_status_of, decide_release, ClaimLiveness, ClaimStatus, Observations,
-};
+use crate::lease::decide::{claim_status_of, decide_release, ClaimStatus, Observations};
 use crate::lease::flow::{AcquireAttempt, AttemptEnd, Grant, Step, StoreOp, StoreReply};
-use crate::lease::{ClaimState, Epoch, Holder, LeaseError, LeaseParams, NodeIdentity, SessionKey};
+use crate::lease::{Epoch, Holder, LeaseError, LeaseParams, NodeIdentity, SessionKey};
 use crate::store::{LeaseStore, StoreError};
 
 /// How many compare-and-swap races one call tolerates before giving up.
@@ -125,38 +123,6 @@ impl LeaseClient {
             volume: volume_id.to_string(),
             attempts: MAX_RACES,
         })
-    }
-
-    /// Whether `volume_id`'s claim is free, live, or held by someone who can no longer
-    /// write — as this client observes it (repeated calls keep timing the holder's
-    /// session, exactly as a waiting acquire does).
-    pub async fn inspect(&self, volume_id: &str) -> Result<ClaimLiveness, LeaseError> {
-        let claim = self.store.get_claim(volume_id).await?;
-        let Some(c) = claim.as_ref().filter(|c| c.value.state == ClaimState::Held) else {
-            return Ok(ClaimLiveness::Free);
-        };
-        let key = c.value.holder.session();
-        let session = self.store.get_session(&key).await?;
-        let fenced = self.store.get_fence(&c.value.holder.node).await?.is_some();
-        let now = Mono::now();
-        let mut seen = self.observations();
-        if let Err(mark) = seen.see_epoch(volume_id, c.value.epoch) {
-            return Err(LeaseError::EpochRegressed {
-                volume: volume_id.to_string(),
-                seen: mark,
-                stored: c.value.epoch,
-            });
-        }
-        let view = seen
-            .sessions
-            .observe(&key, session.as_ref().map(|s| &s.version), now);
-        Ok(claim_liveness(
-            Some(&c.value),
-            &view,
-            fenced,
-            now,
-            &self.params,
-        ))
     }
 
     /// Where the grant (`session`, `epoch`) on `volume_id` stands in the store now.

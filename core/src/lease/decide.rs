@@ -245,51 +245,6 @@ pub fn decide_acquire(input: &AcquireInput<'_>, params: &LeaseParams) -> Acquire
     }
 }
 
-/// How a claim looks to an observer that wants nothing from it (the controller deciding
-/// whether to attach a volume elsewhere, or an event saying why a pod waits).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ClaimLiveness {
-    /// No claim, or released or fenced: the next acquire takes it.
-    Free,
-    /// Held by a holder that may still be writing. `expires_in`: how long, on this
-    /// node's clock, until it can be taken by timeout if its session stays silent.
-    Live {
-        holder: Holder,
-        epoch: Epoch,
-        expires_in: Duration,
-    },
-    /// Held, but its holder can no longer write (its session is gone or timed out, or
-    /// its node is fenced): the next acquire takes it.
-    Takeable { holder: Holder, epoch: Epoch },
-}
-
-/// Classifies a claim with the same rules [`decide_acquire`] applies to a stranger.
-pub fn claim_liveness(
-    claim: Option<&ClaimRecord>,
-    holder_session: &SessionView,
-    holder_node_fenced: bool,
-    now: Mono,
-    params: &LeaseParams,
-) -> ClaimLiveness {
-    let Some(claim) = claim.filter(|c| c.state == ClaimState::Held) else {
-        return ClaimLiveness::Free;
-    };
-    let (holder, epoch) = (claim.holder.clone(), claim.epoch);
-    let first_seen = match holder_session {
-        SessionView::Seen { first_seen, .. } if !holder_node_fenced => *first_seen,
-        _ => return ClaimLiveness::Takeable { holder, epoch },
-    };
-    let silent_for = now.since(first_seen);
-    match params.takeover_wait().checked_sub(silent_for) {
-        Some(left) if !left.is_zero() => ClaimLiveness::Live {
-            holder,
-            epoch,
-            expires_in: left,
-        },
-        _ => ClaimLiveness::Takeable { holder, epoch },
-    }
-}
-
 /// Gives up `holder`'s claim at `epoch`, or does nothing: a release naming an older
 /// epoch or another holder can never free a newer holder's claim.
 pub fn decide_release(

@@ -4,6 +4,7 @@
 //! - [`gate`]: the cheap "may I still write?" check the data path makes.
 //! - [`params`]: D, ε and margin, and the check that keeps the windows disjoint.
 //! - [`decide`]: the pure acquire / release / fence / status decisions.
+//! - [`attach`]: the controller's attach gate, as that same acquire decision.
 //! - [`session`]: pure renewal bookkeeping and predecessor-death proofs.
 //! - [`flow`]: one acquire attempt as an I/O-free step machine.
 //! - [`node_lock`]: the per-instance flock that proves a same-boot predecessor dead.
@@ -18,7 +19,9 @@
 //!   per NodeUnpublishVolume stop the data path, then [`SessionLease::release`] (if the
 //!   store is down, retry later: a re-acquire meanwhile takes a new epoch, so the late
 //!   release cannot free it); at exit [`SessionLease::shutdown`].
-//! - controller: [`LeaseClient::inspect`] to see whether a volume's claim is live, and
+//! - controller: per ControllerPublishVolume, read the volume's claim, its holder's
+//!   session (timed in its own [`SessionObserver`]) and fence, and ask [`decide_attach`]
+//!   — the node's acquire decision on behalf of a newcomer of the attaching node;
 //!   [`fence_node`] / [`unfence_node`] for the out-of-service taint or explicit fences.
 //!
 //! Everything that decides (may this pod take the claim? may this holder still write?)
@@ -33,6 +36,7 @@ pub mod gate;
 
 pub use gate::{FenceCause, SessionDeadline, VolumeGate};
 
+pub mod attach;
 pub mod client;
 pub mod decide;
 pub mod error;
@@ -45,8 +49,9 @@ pub mod recovery;
 pub mod session;
 pub mod session_lease;
 
+pub use attach::{decide_attach, AttachDecision, AttachGrant, AttachInput};
 pub use client::LeaseClient;
-pub use decide::{ClaimLiveness, ClaimStatus, Observations, SessionObserver, SessionView};
+pub use decide::{ClaimStatus, Observations, SessionObserver, SessionView};
 pub use error::LeaseError;
 pub use fence::{fence_node, unfence_node, FenceReport};
 pub use flow::Grant;
