@@ -65,7 +65,8 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
 
-    /// Checked at start (a bad setting stops the controller), not yet used to serve.
+    /// The store the node plugins share, read by the attach gate, and the lease timing
+    /// by which it judges their sessions (both checked at start).
     #[command(flatten)]
     pub lease: LeaseArgs,
 }

@@ -6,9 +6,18 @@
 //! answer OK for it before reaching here, as the spec requires for missing volumes);
 //! and damaged state inside the backend root (a planted symlink, unreadable metadata)
 //! is INTERNAL, because no change to the request can fix it.
+//!
+//! The attach gate adds two: a refused attach is FAILED_PRECONDITION (the spec's code
+//! for "volume published to another node"; the attacher retries it with backoff), and
+//! an unreachable lease store is UNAVAILABLE — the gate never grants what it could not
+//! read. A store that shows an epoch below one already seen is INTERNAL.
 
 use holdfast_core::backend::BackendError;
+use holdfast_core::lease::LeaseError;
+use holdfast_core::store::StoreError;
 use tonic::{Code, Status};
+
+use crate::gate::AttachRefused;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -22,6 +31,15 @@ pub enum ControllerError {
 
     #[error(transparent)]
     Backend(#[from] BackendError),
+
+    /// The attach gate refused: another node's pod holds the volume. (Boxed: it is by
+    /// far the largest variant.)
+    #[error(transparent)]
+    AttachRefused(Box<AttachRefused>),
+
+    /// The attach gate could not read (or trust) the lease store.
+    #[error("attach gate: {0}")]
+    Lease(#[from] LeaseError),
 
     /// A blocking backend task panicked or was cancelled.
     #[error("internal error: {0}")]
@@ -42,6 +60,11 @@ impl ControllerError {
             ControllerError::InvalidToken { .. } => Code::Aborted,
             ControllerError::Internal(_) => Code::Internal,
             ControllerError::Backend(e) => backend_code(e),
+            ControllerError::AttachRefused(_) => Code::FailedPrecondition,
+            ControllerError::Lease(LeaseError::Store(StoreError::Unavailable(_))) => {
+                Code::Unavailable
+            }
+            ControllerError::Lease(_) => Code::Internal,
         }
     }
 }
@@ -68,6 +91,12 @@ fn backend_code(error: &BackendError) -> Code {
         BackendError::UnsafePath { .. }
         | BackendError::CorruptMetadata { .. }
         | BackendError::Io { .. } => Code::Internal,
+    }
+}
+
+impl From<AttachRefused> for ControllerError {
+    fn from(refused: AttachRefused) -> Self {
+        ControllerError::AttachRefused(Box::new(refused))
     }
 }
 
@@ -163,5 +192,40 @@ mod tests {
         }
         let status = Status::from(ControllerError::InvalidToken { token: "t".into() });
         assert_eq!(status.code(), Code::Aborted);
+    }
+
+    #[test]
+    fn attach_gate_codes() {
+        let refused = AttachRefused {
+            volume: "hf-1".into(),
+            holder: holdfast_core::lease::Holder {
+                node: "n1".into(),
+                pod_uid: "uid".into(),
+                instance: "i".into(),
+            },
+            epoch: 1,
+            unrenewed_for: std::time::Duration::ZERO,
+            expires_in: None,
+        };
+        let cases = [
+            (ControllerError::from(refused), Code::FailedPrecondition),
+            (
+                LeaseError::Store(StoreError::Unavailable("down".into())).into(),
+                Code::Unavailable,
+            ),
+            (
+                LeaseError::EpochRegressed {
+                    volume: "hf-1".into(),
+                    seen: 5,
+                    stored: 3,
+                }
+                .into(),
+                Code::Internal,
+            ),
+        ];
+        for (error, code) in cases {
+            let status = Status::from(error);
+            assert_eq!(status.code(), code, "{}", status.message());
+        }
     }
 }

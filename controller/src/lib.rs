@@ -4,6 +4,8 @@
 //! - [`admin`]: the admin verbs against the lease store, and their output.
 //! - [`controller_service`] / [`ControllerService`]: the CSI Controller service over
 //!   the directory [`Backend`] (also served by the node plugin's standalone mode).
+//! - [`gate`]: the attach gate — ControllerPublishVolume asks the node plugins' own
+//!   acquire decision whether another node's pod still holds the volume.
 //! - [`ControllerError`]: the crate's errors and their one mapping to gRPC codes.
 //! - [`run`]: what the binary does — serve Identity + Controller until SIGTERM, or
 //!   run one admin verb and exit.
@@ -12,6 +14,7 @@ pub mod admin;
 pub mod args;
 mod convert;
 mod error;
+pub mod gate;
 mod service;
 
 use std::sync::Arc;
@@ -22,9 +25,10 @@ use holdfast_core::csi::serve::{self, CsiCallLog, Endpoint, EndpointError, Serve
 use holdfast_core::lease::LeaseError;
 use holdfast_core::lease_config::LeaseConfigError;
 use holdfast_core::logging::{self, LogFormat, LoggingError};
-use holdfast_core::store::StoreError;
+use holdfast_core::store::{self, StoreConfig, StoreError};
 
 use crate::args::{Command, ServeArgs};
+use crate::gate::AttachGate;
 
 pub use error::ControllerError;
 pub use service::{controller_service, ControllerService};
@@ -94,22 +98,30 @@ pub async fn run(args: args::Args) -> Result<(), RunError> {
 /// until SIGTERM or SIGINT, then removes the socket.
 pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
     logging::init(&args.log_level, args.log_format)?;
-    // Nothing served here uses the lease store yet, but the chart gives the controller
-    // the same lease settings as the node plugins: a bad one stops it at start rather
-    // than when a later feature first connects.
-    let store = args.lease.store_config()?;
+    // The same lease settings as the node plugins (the chart hands both the same ones):
+    // the gate judges their sessions' expiry by the same D, ε and margin.
+    let config = args.lease.store_config()?;
     let params = args.lease.params()?;
-    tracing::info!(?store, ?params, "lease settings checked");
     let endpoint = Endpoint::parse(&args.endpoint)?;
     let root = args.backend_root.ok_or(RunError::MissingBackendRoot)?;
     let backend = Arc::new(Backend::open(&root)?);
     tracing::info!(backend_root = %backend.root().display(), "backend opened");
+    if config == StoreConfig::Memory {
+        tracing::warn!(
+            "--lease-store=memory: no node plugin shares this store, so the attach gate \
+             sees no claims and grants every attach (for tests and one-process demos only)"
+        );
+    }
+    tracing::info!(store = ?config, ?params, "lease settings checked");
+    let store = store::connect(config).await?;
+    let gate = Arc::new(AttachGate::new(store, params));
+    let controller = ControllerService::new(backend).with_attach_gate(gate);
     let readiness = Readiness::new();
     let router = tonic::transport::Server::builder()
         .layer(CsiCallLog)
         .add_service(IdentityService::new(true, readiness.clone()).into_server())
-        .add_service(controller_service(backend));
-    // The controller keeps no lease or session: it can serve as soon as it listens.
+        .add_service(controller.into_server());
+    // The controller keeps no session of its own: it can serve as soon as it listens.
     readiness.set(true);
     serve::serve_unix(&endpoint, router, serve::shutdown_signal()).await?;
     Ok(())

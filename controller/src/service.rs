@@ -5,6 +5,13 @@
 //! through [`ControllerError`] only. Concurrent calls on one volume — two identical
 //! CreateVolumes racing, a publish during a delete — are serialised by the backend's
 //! per-volume lock, so each sees the other's complete result.
+//!
+//! ControllerPublishVolume of an exclusive volume first asks the [`AttachGate`] (when
+//! the service has one): refused while a pod of another node holds the volume's claim
+//! and may still write. ControllerUnpublishVolume never touches a claim: a detach — even
+//! the orchestrator's force-detach of a node it believes dead — proves nothing about
+//! whether that node still writes, so freeing a claim here could let a second writer in.
+//! Claims end only by their holder's release, a fence, or the holder's lease expiring.
 
 use std::sync::Arc;
 
@@ -17,16 +24,20 @@ use holdfast_core::csi::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
+use crate::gate::AttachGate;
 use crate::ControllerError;
 
 /// The Controller service. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ControllerService {
     backend: Arc<Backend>,
+    /// `None` only where one node is all there is (the node plugin's standalone mode):
+    /// every attach is then to the node that also holds any claim.
+    gate: Option<Arc<AttachGate>>,
 }
 
-/// The tonic server for the Controller service over `backend`; both the controller
-/// binary and the node plugin's standalone mode serve this.
+/// The tonic server for the Controller service over `backend`, without an attach gate:
+/// what the node plugin's standalone mode (one node, one process) serves.
 pub fn controller_service(backend: Arc<Backend>) -> ControllerServer<ControllerService> {
     ControllerServer::new(ControllerService::new(backend))
 }
@@ -47,7 +58,20 @@ type Reply<T> = Result<Response<T>, Status>;
 
 impl ControllerService {
     pub fn new(backend: Arc<Backend>) -> Self {
-        ControllerService { backend }
+        ControllerService {
+            backend,
+            gate: None,
+        }
+    }
+
+    /// Gates ControllerPublishVolume of exclusive volumes by their lease claims.
+    pub fn with_attach_gate(mut self, gate: Arc<AttachGate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    pub fn into_server(self) -> ControllerServer<Self> {
+        ControllerServer::new(self)
     }
 
     /// Runs a backend operation off the async runtime.
@@ -128,6 +152,15 @@ impl ControllerService {
             .ok_or_else(|| ControllerError::invalid("volume_capability", "is required"))?;
         let cap = convert::capability("volume_capability", cap)?;
         let id = id?;
+        if let Some(gate) = &self.gate {
+            // The volume's own parameters, as the node plugin reads them: a volume
+            // created with `exclusive: "false"` takes no claims and is not gated.
+            let meta = self.get(id.clone()).await?;
+            if meta.params.exclusive {
+                let grant = gate.check(id.as_str(), &req.node_id).await?;
+                tracing::debug!(volume_id = %id, node = %req.node_id, ?grant, "attach gate granted");
+            }
+        }
         let publication = Publication {
             access_mode: cap.access_mode,
             readonly: req.readonly,

@@ -24,12 +24,29 @@ pub struct ControllerProcess {
 }
 
 impl ControllerProcess {
-    /// Starts the binary and waits until it answers Probe.
+    /// Starts the binary and waits until it answers Probe. Its lease store is the
+    /// in-process memory store, which no node shares: every claim looks free to it.
     pub async fn start(root: &Path, socket: &Path) -> ControllerProcess {
-        let child = Command::new(env!("CARGO_BIN_EXE_holdfast-controller"))
+        Self::start_with(root, socket, &["--lease-store=memory".to_string()]).await
+    }
+
+    /// Starts the binary with `lease_args` (store and timing flags) instead.
+    pub async fn start_with(
+        root: &Path,
+        socket: &Path,
+        lease_args: &[String],
+    ) -> ControllerProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_holdfast-controller"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("HOLDFAST_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
             .arg(format!("--endpoint=unix://{}", socket.display()))
             .arg(format!("--backend-root={}", root.display()))
             .arg("--log-format=text")
+            .args(lease_args)
             .env_remove("CSI_ENDPOINT")
             .stdin(Stdio::null())
             // The controller's log is noise in a passing run; HOLDFAST_TEST_LOG shows it.

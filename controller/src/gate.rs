@@ -1,0 +1,299 @@
+//! The attach gate's shell: reads one snapshot of a volume's claim from the lease store,
+//! times the holder's session on this process's own clock, and asks
+//! [`decide_attach`] — the node plugin's acquire decision, asked for a newcomer of the
+//! attaching node. Nothing is decided here.
+//!
+//! Timing: the [`Observations`] live in this process's memory only. Each session
+//! version's timer starts when this controller first reads that version, on its
+//! CLOCK_BOOTTIME, read after the store answered; wall clocks of other machines are
+//! never looked at. A controller that just started therefore knows no timer and
+//! refuses every live-looking holder for a full `D·(1+ε)+margin` — a restart can delay
+//! an attach, never hasten one. Each ControllerPublishVolume (the attacher retries a
+//! refused one) is a new reading, exactly as a node's waiting acquire re-reads.
+//!
+//! The gate only reads: it writes no claim and deletes no session (see
+//! `holdfast_core::lease::attach` for why a grant from a snapshot is safe).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use holdfast_core::clock::Mono;
+use holdfast_core::lease::decide::{Observations, SessionView};
+use holdfast_core::lease::{
+    decide_attach, AttachDecision, AttachGrant, AttachInput, ClaimState, Epoch, Holder, LeaseError,
+    LeaseParams,
+};
+use holdfast_core::store::LeaseStore;
+
+use crate::ControllerError;
+
+/// A refused attach: another node's pod holds the volume and may still be writing.
+/// The message is what the attacher writes into the VolumeAttachment's status.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "volume {volume} is held by pod UID {pod_uid} on node {node} (claim epoch {epoch}); the \
+     attach waits until that pod's node releases it, its lease expires, or node {node} is \
+     fenced. {timing} If node {node} is down, an admin can fence it now: \
+     `holdfast-controller fence --node {node}`",
+    pod_uid = holder.pod_uid,
+    node = holder.node,
+    timing = timing(&holder.node, *unrenewed_for, *expires_in),
+)]
+pub struct AttachRefused {
+    pub volume: String,
+    pub holder: Holder,
+    pub epoch: Epoch,
+    /// How long this controller has seen the holder's session unchanged.
+    pub unrenewed_for: Duration,
+    /// How long until the holder's lease can expire if it stays unrenewed.
+    pub expires_in: Option<Duration>,
+}
+
+fn timing(node: &str, unrenewed_for: Duration, expires_in: Option<Duration>) -> String {
+    let watched = unrenewed_for.as_secs_f64();
+    match expires_in {
+        Some(left) => format!(
+            "This controller has watched node {node}'s session for {watched:.1}s without \
+             seeing it renewed: its lease can expire in {:.1}s if it is not renewed (a \
+             controller times every session afresh from its own start).",
+            left.as_secs_f64()
+        ),
+        None => format!("Node {node}'s session cannot expire by timeout from here."),
+    }
+}
+
+/// The gate. One per controller process; shared by every ControllerPublishVolume.
+pub struct AttachGate {
+    store: Arc<dyn LeaseStore>,
+    params: LeaseParams,
+    seen: Mutex<Observations>,
+}
+
+impl std::fmt::Debug for AttachGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachGate")
+            .field("store", &self.store.kind())
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AttachGate {
+    /// A gate over `store` with the timing every node plugin uses.
+    pub fn new(store: Arc<dyn LeaseStore>, params: LeaseParams) -> Self {
+        AttachGate {
+            store,
+            params,
+            seen: Mutex::new(Observations::default()),
+        }
+    }
+
+    /// Whether `volume_id` may be attached to `node` now: `Ok` with why, or the
+    /// refusal naming the holder, or the store's error (never a grant on an error).
+    pub async fn check(&self, volume_id: &str, node: &str) -> Result<AttachGrant, ControllerError> {
+        // Read as a node's acquire reads: claim, then holder's session, then its fence.
+        let claim = self
+            .store
+            .get_claim(volume_id)
+            .await
+            .map_err(LeaseError::from)?
+            .map(|c| c.value);
+        if let Some(c) = claim.as_ref().filter(|c| c.volume_id != volume_id) {
+            return Err(LeaseError::InvalidInput(format!(
+                "store returned the claim of {} for {volume_id}",
+                c.volume_id
+            ))
+            .into());
+        }
+        let held = claim.as_ref().filter(|c| c.state == ClaimState::Held);
+        let (session, fenced) = match held {
+            Some(c) => {
+                let session = self.store.get_session(&c.holder.session()).await;
+                let fence = self.store.get_fence(&c.holder.node).await;
+                (
+                    session.map_err(LeaseError::from)?,
+                    fence.map_err(LeaseError::from)?.is_some(),
+                )
+            }
+            None => (None, false),
+        };
+        // Read after every answer: a version first seen now was written before now.
+        let now = Mono::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let view = match held {
+            Some(c) => seen.sessions.observe(
+                &c.holder.session(),
+                session.as_ref().map(|s| &s.version),
+                now,
+            ),
+            None => SessionView::Absent,
+        };
+        let input = AttachInput {
+            volume_id,
+            node,
+            claim: claim.as_ref(),
+            holder_session: &view,
+            holder_node_fenced: fenced,
+            high_water: seen.high_water(volume_id),
+            now,
+        };
+        let decision = decide_attach(&input, &self.params);
+        if let Some(c) = &claim {
+            // Raises the mark only; a regressed epoch leaves it where it was.
+            let _ = seen.see_epoch(volume_id, c.epoch);
+        }
+        match decision {
+            AttachDecision::Grant(grant) => Ok(grant),
+            AttachDecision::Refuse {
+                holder,
+                epoch,
+                unrenewed_for,
+                expires_in,
+            } => Err(AttachRefused {
+                volume: volume_id.to_string(),
+                holder,
+                epoch,
+                unrenewed_for,
+                expires_in,
+            }
+            .into()),
+            AttachDecision::Regressed { seen, stored } => Err(LeaseError::EpochRegressed {
+                volume: volume_id.to_string(),
+                seen,
+                stored,
+            }
+            .into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use holdfast_core::lease::{ClaimRecord, SessionRecord};
+    use holdfast_core::store::MemoryStore;
+
+    /// D = 30 ms: W = 35.3 ms, short enough to wait out in a unit test.
+    fn params() -> LeaseParams {
+        LeaseParams::new(Duration::from_millis(30), 0.01, Duration::from_millis(5)).unwrap()
+    }
+
+    fn holder() -> Holder {
+        Holder {
+            node: "n1".into(),
+            pod_uid: "uid-a".into(),
+            instance: "i1".into(),
+        }
+    }
+
+    fn claim(epoch: Epoch) -> ClaimRecord {
+        ClaimRecord {
+            volume_id: "vol".into(),
+            holder: holder(),
+            state: ClaimState::Held,
+            epoch,
+        }
+    }
+
+    fn session(renewals: u64) -> SessionRecord {
+        SessionRecord {
+            node: "n1".into(),
+            instance: "i1".into(),
+            boot_id: "b".into(),
+            machine_id: "m".into(),
+            duration_ms: 30,
+            renewals,
+        }
+    }
+
+    #[tokio::test]
+    async fn times_the_holder_from_its_first_reading_and_restarts_on_a_renewal() {
+        let store = Arc::new(MemoryStore::new());
+        store.put_claim(&claim(1), None).await.unwrap();
+        let mut version = store.put_session(&session(0), None).await.unwrap();
+        let gate = AttachGate::new(store.clone(), params());
+        let w = params().takeover_wait();
+
+        let refused = |r: Result<AttachGrant, ControllerError>| match r {
+            Err(ControllerError::AttachRefused(r)) => *r,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        // The first reading starts the timer: a full W to go, whatever the holder did.
+        let first = refused(gate.check("vol", "n2").await);
+        assert_eq!(first.unrenewed_for, Duration::ZERO);
+        assert_eq!(first.expires_in, Some(w));
+        // Renewed within W, three times over: still refused.
+        for renewals in 1..=3 {
+            tokio::time::sleep(w * 2 / 3).await;
+            version = store
+                .put_session(&session(renewals), Some(&version))
+                .await
+                .unwrap();
+            refused(gate.check("vol", "n2").await);
+            // The holder's own node is granted meanwhile.
+            assert_eq!(
+                gate.check("vol", "n1").await.unwrap(),
+                AttachGrant::HeldOnThisNode
+            );
+        }
+        // Silent for W after the last renewal was read: granted, and nothing written.
+        tokio::time::sleep(w).await;
+        assert_eq!(
+            gate.check("vol", "n2").await.unwrap(),
+            AttachGrant::HolderSessionExpired
+        );
+        assert_eq!(
+            store
+                .get_session(&holder().session())
+                .await
+                .unwrap()
+                .unwrap()
+                .version,
+            version
+        );
+    }
+
+    #[tokio::test]
+    async fn an_epoch_below_one_seen_is_an_error_not_a_grant() {
+        let store = Arc::new(MemoryStore::new());
+        let v5 = store.put_claim(&claim(5), None).await.unwrap();
+        store.put_session(&session(0), None).await.unwrap();
+        let gate = AttachGate::new(store.clone(), params());
+        assert_eq!(
+            gate.check("vol", "n1").await.unwrap(),
+            AttachGrant::HeldOnThisNode
+        );
+        // The store went back in time: the same holder, an older epoch.
+        store.put_claim(&claim(3), Some(&v5)).await.unwrap();
+        match gate.check("vol", "n1").await {
+            Err(ControllerError::Lease(LeaseError::EpochRegressed { seen, stored, .. })) => {
+                assert_eq!((seen, stored), (5, 3));
+            }
+            other => panic!("expected an epoch regression, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_refusal_names_holder_node_timing_and_the_fence_command() {
+        let refused = AttachRefused {
+            volume: "hf-1".into(),
+            holder: Holder {
+                node: "n1".into(),
+                pod_uid: "0b5c-uid".into(),
+                instance: "i1".into(),
+            },
+            epoch: 4,
+            unrenewed_for: Duration::from_millis(2500),
+            expires_in: Some(Duration::from_millis(15_600)),
+        };
+        let message = refused.to_string();
+        for needle in [
+            "volume hf-1 is held by pod UID 0b5c-uid on node n1 (claim epoch 4)",
+            "watched node n1's session for 2.5s without seeing it renewed",
+            "its lease can expire in 15.6s",
+            "`holdfast-controller fence --node n1`",
+        ] {
+            assert!(message.contains(needle), "{needle:?} not in: {message}");
+        }
+    }
+}
