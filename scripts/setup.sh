@@ -68,6 +68,14 @@ dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'
     apt_install busybox-static
 command -v cpio >/dev/null || apt_install cpio
 
+# The kubelet test node (core/src/testkit/kube/node.rs): Debian's containerd 1.6 speaks
+# the CRI version of the test kubelet (v1.20); runc runs its containers and the CNI
+# plugins (bridge, host-local, loopback) give its pods a network. The same containerd's
+# `ctr` imports the images that scripts/image.sh builds.
+command -v containerd >/dev/null || apt_install containerd
+command -v runc >/dev/null || apt_install runc
+[ -x /usr/lib/cni/bridge ] || apt_install containernetworking-plugins
+
 if [ ! -c /dev/fuse ]; then
     command -v modprobe >/dev/null || apt_install kmod
     modprobe fuse 2>/dev/null || true
