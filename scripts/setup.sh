@@ -75,6 +75,8 @@ command -v cpio >/dev/null || apt_install cpio
 command -v containerd >/dev/null || apt_install containerd
 command -v runc >/dev/null || apt_install runc
 [ -x /usr/lib/cni/bridge ] || apt_install containernetworking-plugins
+# scripts/image.sh writes image configs and manifests with jq.
+command -v jq >/dev/null || apt_install jq
 
 if [ ! -c /dev/fuse ]; then
     command -v modprobe >/dev/null || apt_install kmod
