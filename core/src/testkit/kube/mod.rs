@@ -30,10 +30,12 @@ use crate::testkit::etcd::{free_port, log_tail, EtcdOptions, EtcdServer};
 
 pub mod audit;
 pub mod bins;
+pub mod node;
 pub mod pki;
 
 pub use audit::AuditEntry;
 pub use bins::{find_or_skip, KubeBinaries};
+pub use node::{KubeletNode, NodeOptions};
 
 const START_ATTEMPTS: usize = 3;
 /// About 5 s on an idle machine; a loaded 2-core one needs more.
