@@ -171,7 +171,12 @@ mount -t devtmpfs devtmpfs /dev
 mount -t securityfs securityfs /sys/kernel/security
 mount -t bpf bpf /sys/fs/bpf
 {modules}mount -t fusectl fusectl /sys/fs/fuse/connections
+# A tmpfs over /tmp, /var/tmp or /run would hide the test binary when the workspace
+# lives there (a CI clone under /tmp): move it aside and put it back on the new mount.
+bin={bin}
+mv "$bin" /.test-binary
 for d in /tmp /var/tmp /run; do mount -t tmpfs tmpfs $d; done
+mkdir -p "${{bin%/*}}" && mv /.test-binary "$bin"
 echo "{KERNEL_MARK}$(uname -r)"
 echo "{LSM_MARK}$(cat /sys/kernel/security/lsm)"
 # The kernel's default of 1024 open files is for init alone; a FUSE daemon holds one
@@ -184,6 +189,7 @@ poweroff -f
 "#,
         env = env.join(" "),
         command = command.join(" "),
+        bin = quoted(&binary.to_string_lossy()),
     )
 }
 
