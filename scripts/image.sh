@@ -16,6 +16,10 @@
 #       holdfast.test/busybox:1). With --pause its entrypoint is a pod sandbox's:
 #       sleep until SIGTERM, then exit 0 (default REF holdfast.test/pause:1).
 #
+#   scripts/image.sh --binary PATH --tag REF [--out TAR] [--import SOCK]
+#       A static binary alone, as /<its name> and the image's entrypoint: how the CSI
+#       sidecars' images are made (their binaries are in ../shared/k8s).
+#
 #   --import SOCK imports the archive into the containerd at SOCK, namespace k8s.io
 #   (the one kubelet's CRI uses). The archive's path is printed on stdout.
 set -euo pipefail
@@ -29,6 +33,7 @@ tag=
 out=
 sock=
 pause=false
+binary=
 while [ $# -gt 0 ]; do
     case "$1" in
         --profile) profile="${2:?--profile needs a value}"; shift 2 ;;
@@ -37,7 +42,8 @@ while [ $# -gt 0 ]; do
         --import) sock="${2:?--import needs a socket}"; shift 2 ;;
         --busybox) kind=busybox; shift ;;
         --pause) kind=busybox; pause=true; shift ;;
-        -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --binary) kind=binary; binary="${2:?--binary needs a path}"; shift 2 ;;
+        -h | --help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -102,6 +108,14 @@ busybox)
         tag="${tag:-holdfast.test/busybox:1}"
         cmd='["/bin/sh"]'
     fi
+    ;;
+binary)
+    [ -n "$tag" ] || die "--binary needs --tag"
+    [ -x "$binary" ] || die "$binary is not an executable"
+    ldd "$binary" >/dev/null 2>&1 && die "$binary is dynamically linked; only static binaries go alone"
+    name="$(basename "$binary")"
+    cp "$binary" "$rootfs/$name"
+    entrypoint="$(jq -cn --arg p "/$name" '[$p]')"
     ;;
 esac
 case "$tag" in

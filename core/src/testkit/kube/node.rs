@@ -29,6 +29,11 @@
 //!   `ipMasq: false`: no iptables rules and no forwarding on the host. The harness
 //!   creates the bridge and puts the node's address on it; pods reach each other and the
 //!   host, nothing else. There is no kube-proxy, so ClusterIP Services do not forward.
+//! - **The `kubernetes` Service**: pods configure their API clients from
+//!   `KUBERNETES_SERVICE_HOST` (`10.0.0.1:443`, the first address of the control
+//!   plane's service range), and there is no kube-proxy to forward it. The harness puts
+//!   `10.0.0.1/32` on the bridge, routes the service range from pods to the bridge
+//!   (host-local `routes`), and forwards TCP `10.0.0.1:443` to the API server itself.
 //! - **Node address**: kubelet 1.20 refuses a loopback node IP, so the node's
 //!   InternalIP is the bridge address; the kubelet's API (anonymous, `AlwaysAllow`)
 //!   listens there only, which is what `kubectl logs` goes through.
@@ -36,8 +41,10 @@
 //!   that appear while the node runs are deleted on drop (killing the containers does
 //!   not run CNI's teardown).
 //!
-//! One node per process at a time is what the tests need; two nodes on one machine
-//! would need distinct bridges and kubelet ports ([`NodeOptions`]).
+//! One node per machine at a time: the bridge, its addresses and the `kubernetes`
+//! Service address are fixed, so [`KubeletNode::start`] first takes an exclusive lock
+//! ([`MACHINE_LOCK`]) that the node holds until dropped, and a second test process
+//! waits for it rather than colliding.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -63,6 +70,11 @@ const HOST_PROGRAMS: [&str; 6] = ["containerd", "ctr", "runc", "ip", "unshare", 
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// containerd's CRI plugin puts pod network namespaces here.
 const NETNS_DIR: &str = "/run/netns";
+/// Held (flock) by the one running node of this machine.
+pub const MACHINE_LOCK: &str = "/run/holdfast-test-kubelet-node.lock";
+/// The control plane's `--service-cluster-ip-range` and its `kubernetes` Service.
+const SERVICE_RANGE: &str = "10.0.0.0/24";
+const KUBERNETES_SERVICE: &str = "10.0.0.1:443";
 
 /// How to start a [`KubeletNode`].
 #[derive(Clone, Debug)]
@@ -92,6 +104,9 @@ impl Default for NodeOptions {
 
 /// A running kubelet node; see the module documentation.
 pub struct KubeletNode {
+    /// Dropped last (fields drop after `Drop::drop`), so the next node starts only once
+    /// this one is gone.
+    _machine_lock: fs::File,
     options: NodeOptions,
     dir: tempfile::TempDir,
     root_dir: PathBuf,
@@ -102,6 +117,8 @@ pub struct KubeletNode {
     netns_before: BTreeSet<String>,
     cgroups_before: BTreeSet<PathBuf>,
     bridge_made: bool,
+    /// Forwards the `kubernetes` Service to the API server.
+    service_proxy: Option<tokio::task::JoinHandle<()>>,
     /// Time from starting the kubelet to the Node's Ready condition.
     pub ready_after: Duration,
 }
@@ -133,6 +150,19 @@ impl KubeletNode {
     /// Starts a node from the kubelet binary at `kubelet`. Panics if it does not become
     /// Ready; whatever was started by then is cleaned up.
     pub async fn start(kubelet: &Path, plane: &ControlPlane, options: NodeOptions) -> Self {
+        let machine_lock = tokio::task::spawn_blocking(|| {
+            let file = fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(MACHINE_LOCK)
+                .unwrap_or_else(|e| panic!("{MACHINE_LOCK}: {e}"));
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+                .unwrap_or_else(|e| panic!("locking {MACHINE_LOCK}: {e}"));
+            file
+        })
+        .await
+        .expect("taking the machine lock");
         let dir = tempfile::Builder::new()
             .prefix("hf-node-")
             .tempdir()
@@ -142,6 +172,7 @@ impl KubeletNode {
             .clone()
             .unwrap_or_else(|| dir.path().join("kubelet"));
         let mut node = KubeletNode {
+            _machine_lock: machine_lock,
             socket: dir.path().join("containerd.sock"),
             root_dir,
             dir,
@@ -151,9 +182,11 @@ impl KubeletNode {
             netns_before: list_dir(Path::new(NETNS_DIR)),
             cgroups_before: kubepods_cgroups(),
             bridge_made: false,
+            service_proxy: None,
             ready_after: Duration::ZERO,
         };
         node.make_bridge();
+        node.start_service_proxy(plane).await;
         node.start_containerd().await;
         for (flag, name) in [("--pause", PAUSE_IMAGE), ("--busybox", BUSYBOX_IMAGE)] {
             let tar = node
@@ -247,6 +280,9 @@ impl KubeletNode {
                                  "gateway": self.options.address.to_string()}]],
                     // Leases live and die with the node, not in /var/lib/cni.
                     "dataDir": d.join("cni/ipam"),
+                    // The service range goes to the host, where the harness answers
+                    // for the `kubernetes` Service.
+                    "routes": [{"dst": SERVICE_RANGE}],
                 },
             }],
         });
@@ -255,6 +291,33 @@ impl KubeletNode {
             serde_json::to_vec_pretty(&conflist).expect("json"),
         )
         .expect("CNI config");
+    }
+
+    async fn start_service_proxy(&mut self, plane: &ControlPlane) {
+        let service: std::net::SocketAddr = KUBERNETES_SERVICE.parse().expect("an address");
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/32", service.ip()),
+                "dev",
+                &self.options.bridge,
+            ],
+        );
+        let listener = tokio::net::TcpListener::bind(service)
+            .await
+            .unwrap_or_else(|e| panic!("listening on {service}: {e}"));
+        let apiserver = std::net::SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), plane.port());
+        self.service_proxy = Some(tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(apiserver).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
     }
 
     async fn start_containerd(&mut self) {
@@ -481,6 +544,9 @@ clusterDomain: cluster.local
 
 impl Drop for KubeletNode {
     fn drop(&mut self) {
+        if let Some(proxy) = self.service_proxy.take() {
+            proxy.abort();
+        }
         if let Some(mut child) = self.kubelet.take() {
             let _ = child.kill();
             let _ = child.wait();

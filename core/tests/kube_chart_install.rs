@@ -1,0 +1,285 @@
+//! `helm install` of charts/holdfast, as a user runs it, onto a real kubelet node
+//! ([`KubeletNode`]) with a real helm (v4, from `scripts/setup.sh`): the holdfast image
+//! and the CSI sidecars' images are built locally (`scripts/image.sh`) and imported into
+//! the node's containerd; every pod of the release becomes Ready; `helm uninstall`
+//! leaves none of the release's objects behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use holdfast_core::testkit::kube::bins::{self, find_or_skip};
+use holdfast_core::testkit::kube::node::build_image;
+use holdfast_core::testkit::kube::{
+    ControlPlane, ControlPlaneOptions, Identity, KubeletNode, NodeOptions,
+};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::storage::v1::{CSIDriver, CSINode};
+
+const NAMESPACE: &str = "holdfast";
+const DRIVER: &str = "holdfast.csi.dev";
+/// Chart value name, binary in ../shared/k8s.
+const SIDECARS: [(&str, &str); 5] = [
+    ("provisioner", "csi-provisioner"),
+    ("attacher", "csi-attacher"),
+    ("resizer", "csi-resizer"),
+    ("nodeDriverRegistrar", "csi-node-driver-registrar"),
+    ("livenessProbe", "livenessprobe"),
+];
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn helm() -> Option<PathBuf> {
+    let dir = std::env::var_os("HOLDFAST_KUBE_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/kube-tools"));
+    let helm = dir.join("helm");
+    helm.is_file().then_some(helm)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_makes_every_pod_ready_and_uninstall_leaves_nothing() {
+    let test = "helm install";
+    let Some(helm) = helm() else {
+        assert!(
+            !bins::required(),
+            "{test}: no helm in target/kube-tools (scripts/setup.sh fetches it)"
+        );
+        eprintln!("SKIPPED {test}: no helm in target/kube-tools (scripts/setup.sh fetches it)");
+        return;
+    };
+    let names: Vec<&str> = SIDECARS.iter().map(|(_, bin)| *bin).collect();
+    let Some(kube_bins) = find_or_skip(test, &names) else {
+        return;
+    };
+    let options = ControlPlaneOptions {
+        controllers: true,
+        ..ControlPlaneOptions::default()
+    };
+    let Some(plane) = ControlPlane::start_or_skip(test, options).await else {
+        return;
+    };
+    let Some(node) = KubeletNode::start_or_skip(test, &plane, NodeOptions::default()).await else {
+        return;
+    };
+    println!(
+        "Node Ready {:?} after the kubelet started",
+        node.ready_after
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut set = vec![
+        "image.repository=holdfast.test/holdfast".to_string(),
+        "image.tag=dev".to_string(),
+        // Nothing can be pulled: a missing image must fail, not wait for a registry.
+        "image.pullPolicy=Never".to_string(),
+        format!("kubeletDir={}", node.root_dir().display()),
+        format!("stateDir={}", dir.path().join("state").display()),
+        format!(
+            "backend.hostPath.path={}",
+            dir.path().join("backend").display()
+        ),
+        // One node: a second controller replica would only wait for its leader.
+        "controller.replicas=1".to_string(),
+    ];
+    let images = Instant::now();
+    let tar = dir.path().join("image.tar");
+    let tar_path = tar.to_str().unwrap();
+    build_image(&[
+        "--profile",
+        "debug",
+        "--tag",
+        "holdfast.test/holdfast:dev",
+        "--out",
+        tar_path,
+    ]);
+    node.import_image(&tar);
+    for (value, bin) in SIDECARS {
+        let tag = format!("holdfast.test/{bin}:dev");
+        let binary = kube_bins.require(bin);
+        build_image(&[
+            "--binary",
+            binary.to_str().unwrap(),
+            "--tag",
+            &tag,
+            "--out",
+            tar_path,
+        ]);
+        node.import_image(&tar);
+        set.push(format!("sidecars.{value}.repository=holdfast.test/{bin}"));
+        set.push(format!("sidecars.{value}.tag=dev"));
+        set.push(format!("sidecars.{value}.pullPolicy=Never"));
+    }
+    println!("images built and imported in {:?}", images.elapsed());
+
+    let kubeconfig = plane.kubeconfig(&Identity::Admin);
+    let helm_run = |args: &[&str]| {
+        let out = Command::new(&helm)
+            .args(args)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            // Helm's own cache and config stay in the test's directory.
+            .env("HELM_CACHE_HOME", dir.path().join("helm/cache"))
+            .env("HELM_CONFIG_HOME", dir.path().join("helm/config"))
+            .env("HELM_DATA_HOME", dir.path().join("helm/data"))
+            .output()
+            .expect("running helm");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "helm {args:?}: {text}");
+        text
+    };
+    let chart = workspace().join("charts/holdfast");
+    let mut install: Vec<String> = vec![
+        "install".into(),
+        "holdfast".into(),
+        chart.display().to_string(),
+        "--namespace".into(),
+        NAMESPACE.into(),
+        "--create-namespace".into(),
+    ];
+    for s in &set {
+        install.push("--set".into());
+        install.push(s.clone());
+    }
+    let installed = Instant::now();
+    let args: Vec<&str> = install.iter().map(String::as_str).collect();
+    println!("{}", helm_run(&args));
+
+    let client = plane.admin().await;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), NAMESPACE);
+    let deadline = installed + Duration::from_secs(180);
+    let mut node_ready = None;
+    loop {
+        let list = pods.list(&Default::default()).await.unwrap().items;
+        let ready = |pod: &Pod| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        };
+        let component = |pod: &Pod| {
+            pod.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("app.kubernetes.io/component").cloned())
+                .unwrap_or_default()
+        };
+        if node_ready.is_none() && list.iter().any(|p| component(p) == "node" && ready(p)) {
+            node_ready = Some(installed.elapsed());
+        }
+        // One node plugin and one controller, both Ready.
+        if list.len() == 2 && list.iter().all(ready) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let states: Vec<String> = list
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}: {:?}",
+                        p.metadata.name.clone().unwrap_or_default(),
+                        p.status.as_ref().map(|s| &s.container_statuses)
+                    )
+                })
+                .collect();
+            panic!(
+                "release pods not Ready within 180 s:\n{}\nkubelet: {}",
+                states.join("\n"),
+                node.log_tail("kubelet")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "helm install -> node plugin Ready {:?}, every pod Ready {:?}",
+        node_ready.unwrap(),
+        installed.elapsed()
+    );
+
+    // The node-driver-registrar registered the plugin with kubelet, and kubelet called
+    // the plugin's NodeGetInfo over its socket: the node's CSINode lists the driver.
+    let csinodes: kube::Api<CSINode> = kube::Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let registered = csinodes
+            .get_opt(node.name())
+            .await
+            .unwrap()
+            .is_some_and(|n| n.spec.drivers.iter().any(|d| d.name == DRIVER));
+        if registered {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{DRIVER} not registered on {} within 60 s\nkubelet: {}",
+            node.name(),
+            node.log_tail("kubelet")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "helm install -> driver registered with kubelet {:?}",
+        installed.elapsed()
+    );
+    // Still running, never restarted: the controller and the node plugin reached the API
+    // server (leader election, session lease) through the `kubernetes` Service.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for pod in pods.list(&Default::default()).await.unwrap().items {
+        for container in pod.status.unwrap().container_statuses.unwrap_or_default() {
+            assert!(
+                container.ready && container.restart_count == 0,
+                "{} of {}: {:?}",
+                container.name,
+                pod.metadata.name.clone().unwrap_or_default(),
+                container
+            );
+        }
+    }
+
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), NAMESPACE);
+    let names: Vec<String> = leases
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|l| l.metadata.name)
+        .collect();
+    println!("leases written from inside the pods: {names:?}");
+    assert!(
+        names.iter().any(|n| n.contains(node.name())),
+        "no session lease of {} among {names:?}",
+        node.name()
+    );
+
+    helm_run(&["uninstall", "holdfast", "--namespace", NAMESPACE, "--wait"]);
+    let drivers: kube::Api<CSIDriver> = kube::Api::all(client.clone());
+    let roles: kube::Api<ClusterRole> = kube::Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left_pods = pods.list(&Default::default()).await.unwrap().items.len();
+        let left_drivers = drivers.list(&Default::default()).await.unwrap().items.len();
+        let left_roles = roles
+            .list(&kube::api::ListParams::default().labels("app.kubernetes.io/instance=holdfast"))
+            .await
+            .unwrap()
+            .items
+            .len();
+        if left_pods + left_drivers + left_roles == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after helm uninstall: {left_pods} pods, {left_drivers} CSIDrivers, {left_roles} ClusterRoles left"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
