@@ -552,8 +552,13 @@ impl Drop for KubeletNode {
             let _ = child.wait();
         }
         self.stop_runtime();
-        // Pod network namespaces: deleting one also removes its veth pair.
-        for name in list_dir(Path::new(NETNS_DIR)).difference(&self.netns_before) {
+        // Pod network namespaces: deleting one also removes its veth pair. Only the CNI's
+        // (`cni-*`): other tests of the same run make namespaces of their own meanwhile.
+        let new = list_dir(Path::new(NETNS_DIR));
+        for name in new
+            .difference(&self.netns_before)
+            .filter(|n| n.starts_with("cni-"))
+        {
             let _ = Command::new("ip").args(["netns", "delete", name]).status();
         }
         if self.bridge_made {
