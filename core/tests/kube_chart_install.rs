@@ -2,7 +2,10 @@
 //! ([`KubeletNode`]) with a real helm (v4, from `scripts/setup.sh`): the holdfast image
 //! and the CSI sidecars' images are built locally (`scripts/image.sh`) and imported into
 //! the node's containerd; every pod of the release becomes Ready; `helm uninstall`
-//! leaves none of the release's objects behind.
+//! leaves none of the release's objects behind. In between, the examples a user applies
+//! next (manifests/examples: StorageClass, StatefulSet) run on it: the real
+//! external-provisioner provisions the PVC, the writer's volume is served through FUSE,
+//! and its writes land in the backing directory.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,8 +16,9 @@ use holdfast_core::testkit::kube::node::build_image;
 use holdfast_core::testkit::kube::{
     ControlPlane, ControlPlaneOptions, Identity, KubeletNode, NodeOptions,
 };
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::storage::v1::{CSIDriver, CSINode};
 
@@ -260,6 +264,15 @@ async fn helm_install_makes_every_pod_ready_and_uninstall_leaves_nothing() {
         node.name()
     );
 
+    let kubectl = helm.with_file_name("kubectl");
+    examples_write_through_fuse_into_the_backend(
+        &kubectl,
+        &plane,
+        &node,
+        &dir.path().join("backend"),
+    )
+    .await;
+
     helm_run(&["uninstall", "holdfast", "--namespace", NAMESPACE, "--wait"]);
     let drivers: kube::Api<CSIDriver> = kube::Api::all(client.clone());
     let roles: kube::Api<ClusterRole> = kube::Api::all(client.clone());
@@ -282,4 +295,148 @@ async fn helm_install_makes_every_pod_ready_and_uninstall_leaves_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Applies manifests/examples/storageclass.yaml and statefulset.yaml, as a user does
+/// after `helm install`, and follows the writer's lines into `backend`; then deletes the
+/// StatefulSet and its PVC, and the volume's directory goes with them.
+///
+/// Two edits for this cluster: no registry (the writer's image is the local busybox,
+/// never pulled), and Kubernetes v1.20 has no ReadWriteOncePod (1.22+; its API server
+/// refuses the value), so the claim asks ReadWriteOnce. The exclusive StorageClass is
+/// what keeps the volume to one pod either way: the node plugin claims it per pod,
+/// whatever the access mode.
+async fn examples_write_through_fuse_into_the_backend(
+    kubectl: &Path,
+    plane: &ControlPlane,
+    node: &KubeletNode,
+    backend: &Path,
+) {
+    let examples = workspace().join("manifests/examples");
+    let read = |name: &str| std::fs::read_to_string(examples.join(name)).unwrap();
+    let statefulset = read("statefulset.yaml");
+    assert!(
+        statefulset.contains("image: busybox:1.37") && statefulset.contains("ReadWriteOncePod")
+    );
+    let statefulset = statefulset
+        .replace(
+            "image: busybox:1.37",
+            "image: holdfast.test/busybox:1\n          imagePullPolicy: Never",
+        )
+        .replace("ReadWriteOncePod", "ReadWriteOnce");
+    let edited = tempfile::tempdir().unwrap();
+    std::fs::write(edited.path().join("statefulset.yaml"), statefulset).unwrap();
+    let applied = Instant::now();
+    // As a user does it: kubectl apply (v1.34, client-side apply on this old server).
+    let out = Command::new(kubectl)
+        .arg("--kubeconfig")
+        .arg(plane.kubeconfig(&Identity::Admin))
+        .args(["apply", "-n", "default", "-f"])
+        .arg(examples.join("storageclass.yaml"))
+        .arg("-f")
+        .arg(edited.path().join("statefulset.yaml"))
+        .output()
+        .expect("running kubectl");
+    println!(
+        "kubectl apply: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "kubectl apply failed");
+
+    let client = plane.admin().await;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), "default");
+    let pvcs: kube::Api<PersistentVolumeClaim> = kube::Api::namespaced(client.clone(), "default");
+    let deadline = applied + Duration::from_secs(120);
+    // The writer's log, found in the backend once it has a few lines.
+    let log = loop {
+        let found = walk(backend)
+            .into_iter()
+            .find(|p| p.file_name().is_some_and(|n| n == "log"))
+            .filter(|p| std::fs::read_to_string(p).is_ok_and(|t| t.lines().count() >= 3));
+        if let Some(log) = found {
+            break log;
+        }
+        if Instant::now() > deadline {
+            let pod = pods.get_opt("db-0").await.unwrap().map(|p| p.status);
+            let pvc = pvcs.get_opt("data-db-0").await.unwrap().map(|p| p.status);
+            panic!(
+                "no writer log with 3 lines under {} within 120 s\npod: {pod:?}\npvc: {pvc:?}\nkubelet: {}",
+                backend.display(),
+                node.log_tail("kubelet")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    println!(
+        "examples applied -> 3 lines in {} after {:?}:\n{}",
+        log.display(),
+        applied.elapsed(),
+        text.trim_end()
+    );
+    assert!(text.lines().all(|l| l.contains(" db-0 ")), "{text}");
+    let pvc = pvcs.get("data-db-0").await.unwrap();
+    assert_eq!(pvc.status.and_then(|s| s.phase).as_deref(), Some("Bound"));
+    // The pod's volume is a FUSE mount under kubelet's pods directory, made by the node
+    // plugin inside its pod and propagated to the host (Bidirectional).
+    let pods_dir = node.root_dir().join("pods").display().to_string();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let fuse: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| {
+            l.contains(&pods_dir) && l.contains("kubernetes.io~csi") && l.contains(" - fuse")
+        })
+        .collect();
+    assert_eq!(
+        fuse.len(),
+        1,
+        "the volume's FUSE mount on the host: {fuse:#?}"
+    );
+
+    let statefulsets: kube::Api<StatefulSet> = kube::Api::namespaced(client.clone(), "default");
+    statefulsets
+        .delete("db", &Default::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while pods.get_opt("db-0").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "db-0 not gone within 90 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    pvcs.delete("data-db-0", &Default::default()).await.unwrap();
+    let volume_dir = log.parent().unwrap().to_path_buf();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while volume_dir.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} still there 90 s after its PVC was deleted",
+            volume_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let left: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| l.contains(&pods_dir) && l.contains(" - fuse"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the volume's FUSE mount is left: {left:#?}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(walk(&path));
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
 }
