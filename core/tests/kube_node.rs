@@ -90,40 +90,74 @@ async fn a_pod_runs_to_completion_on_a_real_kubelet() {
         ]
     );
 
+    // A pod still running when the node goes: its containers, sandbox and network
+    // namespace must go with the node.
+    let sleeper: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "sleeper"},
+        "spec": {"containers": [{
+            "name": "sleeper",
+            "image": BUSYBOX_IMAGE,
+            "imagePullPolicy": "Never",
+            "command": ["sleep", "3600"],
+        }]},
+    }))
+    .unwrap();
+    pods.create(&Default::default(), &sleeper).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pod = pods.get("sleeper").await.unwrap();
+        if pod.status.and_then(|s| s.phase).as_deref() == Some("Running") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sleeper not Running within 60 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Another test process may start its own node as soon as this one's machine lock is
+    // released, so what must be gone is identified as this node's: its directory on
+    // command lines and mount points, the bridge device by index, the pods' namespaces
+    // by name (the finished pods' sandboxes may have gone already).
+    let dir = socket.parent().unwrap().display().to_string();
+    let root = root_dir.display().to_string();
+    let bridge_index = std::fs::read_to_string(format!("/sys/class/net/{bridge}/ifindex")).unwrap();
+    let pod_netns: Vec<String> = list("/run/netns")
+        .into_iter()
+        .filter(|n| n.starts_with("cni-"))
+        .collect();
+    assert!(
+        !pod_netns.is_empty(),
+        "the running pod has a network namespace"
+    );
     drop(node);
-    let socket = socket.display().to_string();
-    let left: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+    let left: Vec<String> = list("/proc")
+        .into_iter()
+        .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&socket) || c.contains("kubelet --container-runtime"))
+        .filter(|c| c.contains(&dir))
         .collect();
     assert!(left.is_empty(), "processes left: {left:?}");
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let root = root_dir.display().to_string();
-    let dir = Path::new(&socket).parent().unwrap().display().to_string();
     let mounts: Vec<&str> = mountinfo
         .lines()
         .filter(|l| l.contains(&root) || l.contains(&dir))
         .collect();
     assert!(mounts.is_empty(), "mounts left: {mounts:#?}");
-    assert!(
-        !Path::new("/sys/class/net").join(&bridge).exists(),
-        "bridge {bridge} left"
-    );
-    let netns: Vec<String> = std::fs::read_dir("/run/netns")
+    let index_now = std::fs::read_to_string(format!("/sys/class/net/{bridge}/ifindex")).ok();
+    assert_ne!(index_now, Some(bridge_index), "bridge {bridge} left");
+    let netns = list("/run/netns");
+    let left: Vec<&String> = pod_netns.iter().filter(|n| netns.contains(n)).collect();
+    assert!(left.is_empty(), "pod network namespaces left: {left:?}");
+    assert!(!Path::new(&dir).exists(), "node directory left: {dir}");
+}
+
+fn list(dir: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         })
-        .unwrap_or_default();
-    assert!(
-        !netns.iter().any(|n| n.starts_with("cni-")),
-        "pod network namespaces left: {netns:?}"
-    );
-    assert!(!Path::new(&dir).exists(), "node directory left: {dir}");
+        .unwrap_or_default()
 }
 
 /// Runs a pod of `containers` (name, command) from `image` until it ends; asserts the
