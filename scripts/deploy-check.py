@@ -40,7 +40,9 @@ MANIFESTS = ROOT / "manifests"
 DEPLOY = MANIFESTS / "deploy"
 RELEASE = "holdfast"
 NAMESPACE = "holdfast"
-# Oldest (ReadWriteOncePod is GA from 1.29, see Chart.yaml kubeVersion) and newest schema.
+# Schemas validated against: the examples ask ReadWriteOncePod, GA from 1.29, and the
+# newest. The chart itself installs from 1.20 (Chart.yaml kubeVersion), which the install
+# test on a real v1.20.2 node checks (core/tests/kube_chart_install.rs).
 KUBE_VERSIONS = ["1.29.0", "1.37.0"]
 
 # manifests/deploy/<file> <- the chart templates it mirrors, in apply order.
