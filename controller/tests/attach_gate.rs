@@ -14,7 +14,7 @@ use common::*;
 use holdfast_core::csi::v1::volume_capability::access_mode::Mode;
 use holdfast_core::csi::v1::*;
 use holdfast_core::lease::{LeaseParams, NodeIdentity, SessionKey, SessionLease};
-use holdfast_core::store::{self, LeaseStore, StoreConfig, Version};
+use holdfast_core::store::{LeaseStore, Version};
 use holdfast_core::testkit::etcd::EtcdServer;
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
@@ -38,13 +38,7 @@ struct Cluster {
 impl Cluster {
     async fn start() -> Cluster {
         let etcd = EtcdServer::start();
-        let store = store::connect(StoreConfig::Etcd {
-            endpoints: etcd.endpoints(),
-            prefix: PREFIX.into(),
-            timeout: Duration::from_secs(2),
-        })
-        .await
-        .unwrap();
+        let store: Arc<dyn LeaseStore> = Arc::new(etcd.store(PREFIX).await);
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("root")).unwrap();
         register_nodes(&dir.path().join("root"), &["n1", "n2"]);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use holdfast_core::clock::Mono;
 use holdfast_core::lease::{ClaimState, LeaseError, LeaseParams, NodeIdentity, SessionLease};
-use holdfast_core::store::{self, LeaseStore, StoreConfig};
+use holdfast_core::store::LeaseStore;
 use holdfast_core::testkit::etcd::EtcdServer;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -28,13 +28,7 @@ struct Cluster {
 impl Cluster {
     async fn start() -> Cluster {
         let etcd = EtcdServer::start();
-        let store = store::connect(StoreConfig::Etcd {
-            endpoints: etcd.endpoints(),
-            prefix: PREFIX.into(),
-            timeout: Duration::from_secs(2),
-        })
-        .await
-        .unwrap();
+        let store: Arc<dyn LeaseStore> = Arc::new(etcd.store(PREFIX).await);
         Cluster {
             etcd,
             store,
