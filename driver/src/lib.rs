@@ -1,33 +1,31 @@
 //! holdfast's node plugin (`holdfast-driver`).
 //!
-//! - [`args`]: the command line and the checked [`args::Config`].
-//! - [`mount`]: every mount syscall and the mount table (the only place they happen).
-//! - [`plugin`]: [`run`], the process: services on one socket, graceful stop.
-//! - [`node`]: the CSI Node service (the gRPC boundary); [`publisher`]: what publish,
-//!   unpublish and stats do on the node (bind mount or FUSE); [`published`]: the table
-//!   of published targets and the per-volume locks; [`error`]: the node's error type
-//!   and its one mapping to gRPC statuses.
-//! - [`datapath`]: the fenced FUSE data path; [`fuse_targets`]: the node-local record
-//!   of which volume each FUSE target shows.
-//! - [`claims`]: the claims this node holds and their gates; [`epoch_file`]: the
-//!   fencing epoch on the volume's storage; [`enforcer`]: the task that fences gates
-//!   (higher epoch on storage, claim lost, node fenced); [`holders`]: finding and
-//!   killing the processes that use a fenced bind volume; [`lock_request`]: what a
-//!   publish asks of the lock (pod UID, context check, wait budget).
+//! Four rooms, one folder each:
+//!
+//! - [`csi`]: the CSI boundary. [`csi::node`] is the Node service (the gRPC surface and
+//!   its request checks); [`csi::error`] is the node's error type and its one mapping to
+//!   gRPC statuses.
+//! - [`lock`]: the lock on this node. [`lock::claims`] holds the claims this node owns
+//!   and their gates; [`lock::epoch_file`] is the fencing epoch on the volume's storage;
+//!   [`lock::enforcer`] fences gates (higher epoch on storage, claim lost, node fenced);
+//!   [`lock::holders`] finds and kills the processes using a fenced bind volume;
+//!   [`lock::lock_request`] is what a publish asks of the lock (pod, context, wait budget).
+//! - [`publish`]: what publish, unpublish and stats do on the node.
+//!   [`publish::publisher`] runs them (bind mount or FUSE); [`publish::published`] is the
+//!   table of published targets and the per-volume locks; [`publish::kernel_mounts`] holds
+//!   every kernel mount syscall and reads the mount table; [`publish::fuse_targets`] is
+//!   the node-local record of which volume each FUSE target shows.
+//! - [`datapath`]: the fenced FUSE data path (the daemon, its FUSE mount, the kernel
+//!   fence).
+//!
+//! [`args`] is the command line and [`plugin`] the process: [`run`] serves the services on
+//! one socket and stops gracefully.
 
 pub mod args;
-pub mod claims;
+pub mod csi;
 pub mod datapath;
-pub mod enforcer;
-pub mod epoch_file;
-pub mod error;
-pub mod fuse_targets;
-pub mod holders;
-pub mod lock_request;
-pub mod mount;
-pub mod node;
+pub mod lock;
 pub mod plugin;
-pub mod published;
-pub mod publisher;
+pub mod publish;
 
 pub use plugin::{run, RunError};

@@ -11,7 +11,7 @@
 //!
 //! At start the node's lease session begins ([`SessionLease::start_with`], which takes
 //! the node-local flock and frees or adopts the claims of predecessors proven dead);
-//! without it the plugin refuses to serve. The enforcement task ([`crate::enforcer`])
+//! without it the plugin refuses to serve. The enforcement task ([`crate::lock::enforcer`])
 //! and the queue of releases to retry run beside the gRPC server.
 //!
 //! On stop the socket is removed; published mounts stay where they are, because kubelet
@@ -45,13 +45,13 @@ use tokio::sync::watch;
 use tonic::transport::Server;
 
 use crate::args::{Args, ArgsError, Config};
-use crate::claims::{self, ClaimBook};
-use crate::enforcer;
-use crate::epoch_file::{self, EpochWrite};
-use crate::error::NodeError;
-use crate::node::NodeService;
-use crate::published::DataPathKind;
-use crate::publisher::Publisher;
+use crate::lock::claims::{self, ClaimBook};
+use crate::lock::enforcer;
+use crate::lock::epoch_file::{self, EpochWrite};
+use crate::csi::error::NodeError;
+use crate::csi::node::NodeService;
+use crate::publish::published::DataPathKind;
+use crate::publish::publisher::Publisher;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

@@ -3,7 +3,7 @@
 //!
 //! [`Fence`] is shared by all worker threads; it owns the parking of frozen requests and
 //! the "unmounting" flag that releases them. The watcher thread is owned by
-//! [`super::mount::FuseVolume`] and only reads the gate.
+//! [`super::fuse_mount::FuseVolume`] and only reads the gate.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;

@@ -134,7 +134,7 @@ mod inodes;
 mod io_ops;
 pub mod kernel_fence;
 mod meta_ops;
-mod mount;
+mod fuse_mount;
 mod passthrough;
 mod sys;
 
@@ -143,7 +143,7 @@ use std::time::Duration;
 
 use holdfast_core::lease::VolumeGate;
 
-pub use mount::FuseVolume;
+pub use fuse_mount::FuseVolume;
 
 /// What a fenced volume does to the operations of its (former) holder. Chosen per
 /// StorageClass (`fenceAction: error|freeze`).
@@ -171,7 +171,7 @@ pub struct FuseOptions {
     /// Readahead of the mount, in KiB (written to the mount's BDI).
     pub readahead_kb: u32,
     /// Share (percent) of the dirty-page limit the mount may use; 0 keeps the kernel's
-    /// strict 1% for FUSE (see `mount::tune_bdi`).
+    /// strict 1% for FUSE (see `fuse_mount::tune_bdi`).
     pub dirty_max_ratio: u32,
     /// How long the kernel may cache attributes and directory entries.
     pub attr_ttl: Duration,

@@ -45,7 +45,7 @@ use holdfast_core::csi::v1::volume_capability::{AccessMode, AccessType, MountVol
 use holdfast_core::csi::v1::{
     CreateVolumeRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest, VolumeCapability,
 };
-use holdfast_driver::mount::{self, DetachPolicy, MountTable};
+use holdfast_driver::publish::kernel_mounts::{self as mount, DetachPolicy, MountTable};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use holdfast_core::backend::{VolumeId, DATA_DIR};
 
-use crate::mount::{FsLocation, MountTable};
+use crate::publish::kernel_mounts::{FsLocation, MountTable};
 
 /// How a target shows its volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -370,5 +370,5 @@ pub fn is_plain_absolute(path: &Path) -> bool {
 }
 
 #[cfg(test)]
-#[path = "mount_tests.rs"]
+#[path = "kernel_mounts_tests.rs"]
 mod tests;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::NodeError;
+use crate::csi::error::NodeError;
 
 const FILE_NAME: &str = "fuse-targets.json";
 

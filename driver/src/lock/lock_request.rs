@@ -8,7 +8,7 @@ use std::time::Duration;
 use holdfast_core::backend::VolumeParams;
 use tonic::metadata::MetadataMap;
 
-use crate::error::NodeError;
+use crate::csi::error::NodeError;
 
 /// Where kubelet puts the pod's UID when the CSIDriver has `podInfoOnMount: true`.
 pub const POD_UID_KEY: &str = "csi.storage.k8s.io/pod.uid";

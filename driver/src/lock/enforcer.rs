@@ -16,7 +16,7 @@
 //!    that does not answer proves nothing either way: the session deadline covers it.
 //!
 //! Then every bind volume whose gate is stopped (by the above, or by its session
-//! deadline) has the processes using it killed ([`crate::holders`]), on every tick while
+//! deadline) has the processes using it killed ([`crate::lock::holders`]), on every tick while
 //! it stays published, since a restarted container would open it again.
 //!
 //! The task only fences gates; it never adds or removes claims (the Node service does).
@@ -29,12 +29,12 @@ use holdfast_core::clock::Mono;
 use holdfast_core::lease::{ClaimStatus, FenceCause, LeaseError};
 use tokio::sync::watch;
 
-use crate::claims::{ClaimBook, ClaimedVolume};
-use crate::epoch_file;
-use crate::holders::{self, VolumeViews};
-use crate::mount::MountTable;
-use crate::published::DataPathKind;
-use crate::publisher::Publisher;
+use crate::lock::claims::{ClaimBook, ClaimedVolume};
+use crate::lock::epoch_file;
+use crate::lock::holders::{self, VolumeViews};
+use crate::publish::kernel_mounts::MountTable;
+use crate::publish::published::DataPathKind;
+use crate::publish::publisher::Publisher;
 
 /// Bound on each storage read and store call of one tick, so a hung NFS server or a
 /// silent store cannot stall the checks of the other volumes.

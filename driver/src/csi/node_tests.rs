@@ -19,9 +19,9 @@ use holdfast_core::lease::{LeaseParams, NodeIdentity, SessionLease};
 use holdfast_core::store::MemoryStore;
 
 use super::{NodeService, POD_UID_KEY};
-use crate::claims::ClaimBook;
-use crate::mount::{self, DetachPolicy, MountTable};
-use crate::publisher::Publisher;
+use crate::lock::claims::ClaimBook;
+use crate::publish::kernel_mounts::{self as mount, DetachPolicy, MountTable};
+use crate::publish::publisher::Publisher;
 
 fn bind_volume(backend: &Backend, name: &str) -> String {
     let spec = VolumeSpec {

@@ -26,12 +26,12 @@ use holdfast_core::csi::validate;
 use holdfast_core::lease::VolumeGate;
 use tonic::{Request, Response, Status};
 
-use crate::claims::{ClaimBook, ClaimRequest};
-use crate::error::NodeError;
-use crate::lock_request::{check_context, pod_uid};
-pub use crate::lock_request::{grpc_timeout, wait_budget, DEFAULT_WAIT, MAX_WAIT, POD_UID_KEY};
-use crate::published::{DataPathKind, PublishedTable};
-use crate::publisher::{PublishPlan, Publisher, TargetUsage};
+use crate::lock::claims::{ClaimBook, ClaimRequest};
+use crate::csi::error::NodeError;
+use crate::lock::lock_request::{check_context, pod_uid};
+pub use crate::lock::lock_request::{grpc_timeout, wait_budget, DEFAULT_WAIT, MAX_WAIT, POD_UID_KEY};
+use crate::publish::published::{DataPathKind, PublishedTable};
+use crate::publish::publisher::{PublishPlan, Publisher, TargetUsage};
 
 pub struct NodeService {
     node_id: String,

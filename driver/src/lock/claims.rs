@@ -3,7 +3,7 @@
 //!
 //! Owned by the plugin; mutated by the Node service (publish registers a claim after its
 //! grant and epoch write, unpublish removes it before releasing) under the volume's lock,
-//! and read by the enforcement task ([`crate::enforcer`]), which fences gates but never
+//! and read by the enforcement task ([`crate::lock::enforcer`]), which fences gates but never
 //! adds or removes claims.
 //!
 //! Releasing: a claim is removed from the book first (so the enforcer stops watching a
@@ -21,9 +21,9 @@ use holdfast_core::clock::Mono;
 use holdfast_core::lease::{Epoch, FenceCause, LeaseError, SessionLease, VolumeGate};
 use tokio::sync::mpsc;
 
-use crate::epoch_file::{self, EpochWrite};
-use crate::error::NodeError;
-use crate::published::DataPathKind;
+use crate::lock::epoch_file::{self, EpochWrite};
+use crate::csi::error::NodeError;
+use crate::publish::published::DataPathKind;
 
 /// How long an unpublish waits for the store before queueing its release.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(3);

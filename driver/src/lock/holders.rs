@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::mount::{FsLocation, MountTable};
+use crate::publish::kernel_mounts::{FsLocation, MountTable};
 
 /// Where a volume can be seen from.
 #[derive(Clone, Debug)]

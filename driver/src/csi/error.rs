@@ -29,8 +29,8 @@ use holdfast_core::store::StoreError;
 use tonic::Status;
 
 use crate::datapath::DataPathError;
-use crate::epoch_file::EpochFileError;
-use crate::mount::MountError;
+use crate::lock::epoch_file::EpochFileError;
+use crate::publish::kernel_mounts::MountError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {

@@ -10,7 +10,7 @@
 //! it is in the session map. A `fuse.holdfast` mount nobody here serves belongs to a
 //! dead predecessor: its connection died with it, so it provably carries no I/O and may
 //! be unmounted (lazily if busy) and replaced. Which volume such a mount showed is
-//! known from the node-local record kept by [`crate::fuse_targets`].
+//! known from the node-local record kept by [`crate::publish::fuse_targets`].
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -21,10 +21,10 @@ use holdfast_core::backend::{Backend, DataPath, FenceAction, VolumeId};
 use holdfast_core::lease::VolumeGate;
 
 use crate::datapath::{self, FuseOptions, FuseVolume};
-use crate::error::NodeError;
-use crate::fuse_targets::{FuseTarget, FuseTargets, FuseTargetsFile};
-use crate::mount::{self, DetachPolicy, MountEntry, MountTable};
-use crate::published::{DataPathKind, Published, PublishedTable, VolumeLocks};
+use crate::csi::error::NodeError;
+use crate::publish::fuse_targets::{FuseTarget, FuseTargets, FuseTargetsFile};
+use crate::publish::kernel_mounts::{self as mount, DetachPolicy, MountEntry, MountTable};
+use crate::publish::published::{DataPathKind, Published, PublishedTable, VolumeLocks};
 
 /// `<root>/volumes`: where every volume directory lives (see `holdfast_core::backend`).
 const VOLUMES_DIR: &str = "volumes";
