@@ -42,6 +42,7 @@ fn claim(epoch: u64) -> ClaimRecord {
             node: "node-1".into(),
             pod_uid: "pod-1".into(),
             instance: "instance-1".into(),
+            pod: None,
         },
         state: ClaimState::Held,
         epoch,

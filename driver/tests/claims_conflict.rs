@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    create_volume_in, mounts_at, pair, publish_for, storage_epoch, unpublish_request, Plugin,
-    POD_UID_KEY,
+    create_volume_in, mounts_at, pair, publish_for, publish_for_pod, storage_epoch,
+    unpublish_request, Plugin, POD_UID_KEY,
 };
 use tonic::{Code, Request};
 
@@ -25,7 +25,7 @@ async fn second_pod_is_refused_while_the_first_holds_and_takes_over_at_once_on_r
     let (ta, ta2, tb) = (p.a.target(), p.a.target(), p.b.target());
 
     p.node_a
-        .node_publish_volume(publish_for(&id, &ta, "pod-1"))
+        .node_publish_volume(publish_for_pod(&id, &ta, "pod-1", "shop", "db-0"))
         .await
         .expect("first pod takes the volume");
     let epoch = storage_epoch(&p.a.root, &id).expect("epoch written on publish");
@@ -37,7 +37,7 @@ async fn second_pod_is_refused_while_the_first_holds_and_takes_over_at_once_on_r
         .await
         .expect_err("a second pod on another node must be refused");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    for needle in ["pod-1", "node-a", "can expire in"] {
+    for needle in ["shop/db-0 (uid pod-1)", "node-a", "can expire in"] {
         assert!(
             err.message().contains(needle),
             "{needle}: {}",
@@ -62,7 +62,7 @@ async fn second_pod_is_refused_while_the_first_holds_and_takes_over_at_once_on_r
         Some(epoch),
         "same grant, same epoch"
     );
-    // Another pod on the holder's own node is refused too, and told why it cannot time out.
+    // Another pod on the holder's own node is refused too, and told what frees it.
     let ta3 = p.a.target();
     let err = p
         .node_a
@@ -71,7 +71,7 @@ async fn second_pod_is_refused_while_the_first_holds_and_takes_over_at_once_on_r
         .expect_err("another pod on the same node");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(
-        err.message().contains("until it releases"),
+        err.message().contains("released when that pod's volume is unmounted"),
         "{}",
         err.message()
     );
@@ -166,10 +166,12 @@ async fn on_conflict_wait_gets_the_volume_when_the_holder_releases_within_the_de
 }
 
 #[tokio::test]
-async fn on_conflict_wait_on_the_holders_own_node_gets_the_volume_when_the_old_pod_unpublishes() {
-    // The replacement pod lands on the same node while the old one is terminating: the
-    // waiting publish must not block the old pod's unpublish (both are calls on one
-    // volume of one plugin), or neither could finish.
+async fn a_pod_on_the_holders_own_node_is_refused_at_once_even_with_on_conflict_wait() {
+    // The replacement pod lands on the same node while the old one is terminating.
+    // kubelet runs one operation per volume at a time, so a publish that waited here
+    // would hold up the old pod's unpublish — the only thing that can free the claim —
+    // until its deadline ran out. It is refused at once instead, naming the holder, and
+    // kubelet's retry after the unpublish gets the volume.
     let plugin = Plugin::start_standalone().await;
     let mut node = holdfast_core::csi::v1::node_client::NodeClient::new(plugin.channel().await);
     let id = create_volume_in(
@@ -178,27 +180,38 @@ async fn on_conflict_wait_on_the_holders_own_node_gets_the_volume_when_the_old_p
         &[("dataPath", "fuse"), ("onConflict", "wait")],
     );
     let (old, new) = (plugin.target(), plugin.target());
-    node.node_publish_volume(publish_for(&id, &old, "pod-old"))
+    node.node_publish_volume(publish_for_pod(&id, &old, "pod-old", "shop", "db-0"))
         .await
         .unwrap();
 
-    let waiting = {
-        let mut node = node.clone();
-        let mut request = Request::new(publish_for(&id, &new, "pod-new"));
-        request.set_timeout(Duration::from_secs(20));
-        tokio::spawn(async move { node.node_publish_volume(request).await })
-    };
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(!waiting.is_finished(), "pod-new must wait for pod-old");
-    let mut request = Request::new(unpublish_request(&id, &old));
-    request.set_timeout(Duration::from_secs(5));
-    node.node_unpublish_volume(request)
+    let mut request = Request::new(publish_for(&id, &new, "pod-new"));
+    request.set_timeout(Duration::from_secs(20));
+    let started = Instant::now();
+    let err = node
+        .node_publish_volume(request)
         .await
-        .expect("the old pod's unpublish is not blocked by the waiting publish");
-    waiting
+        .expect_err("another pod on the holder's node is refused");
+    let refused_after = started.elapsed();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    for needle in ["shop/db-0 (uid pod-old)", "this node", "kubelet retries"] {
+        assert!(
+            err.message().contains(needle),
+            "{needle}: {}",
+            err.message()
+        );
+    }
+    assert!(
+        refused_after < Duration::from_secs(2),
+        "refused only after {refused_after:?}: it waited for a holder on its own node"
+    );
+    assert!(mounts_at(&new).is_empty());
+
+    node.node_unpublish_volume(unpublish_request(&id, &old))
         .await
-        .unwrap()
-        .expect("the waiting publish gets the volume once the old pod released it");
+        .expect("the old pod's unpublish");
+    node.node_publish_volume(publish_for(&id, &new, "pod-new"))
+        .await
+        .expect("the retry after the old pod's unpublish gets the volume");
     assert_eq!(mounts_at(&new).len(), 1);
     assert!(mounts_at(&old).is_empty());
 }

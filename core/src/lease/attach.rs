@@ -98,6 +98,7 @@ pub fn decide_attach(input: &AttachInput<'_>, params: &LeaseParams) -> AttachDec
         node: input.node.to_string(),
         pod_uid: String::new(),
         instance: String::new(),
+        pod: None,
     };
     let acquire = AcquireInput {
         volume_id: input.volume_id,

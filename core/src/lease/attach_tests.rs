@@ -19,6 +19,7 @@ fn holder(node: &str, instance: &str) -> Holder {
         node: node.into(),
         pod_uid: format!("uid-on-{node}"),
         instance: instance.into(),
+        pod: None,
     }
 }
 
@@ -205,6 +206,7 @@ fn every_row_is_the_nodes_own_acquire_decision() {
             node: row.node.into(),
             pod_uid: "a-new-pod".into(),
             instance: "its-session".into(),
+            pod: None,
         };
         let input = AcquireInput {
             volume_id: "vol",

@@ -201,7 +201,7 @@ pub fn decide_acquire(input: &AcquireInput<'_>, params: &LeaseParams) -> Acquire
         ClaimState::Held => {}
     }
     let holder = &claim.holder;
-    if holder == me {
+    if holder.is_same_pod(me) {
         if released == Some(claim.epoch) {
             return take(next, TakeReason::Reacquired);
         }

@@ -11,6 +11,7 @@ fn holder(node: &str, pod: &str, instance: &str) -> Holder {
         node: node.into(),
         pod_uid: pod.into(),
         instance: instance.into(),
+        pod: None,
     }
 }
 

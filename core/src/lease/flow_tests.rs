@@ -12,6 +12,7 @@ fn me() -> Holder {
         node: "b".into(),
         pod_uid: "pod-b".into(),
         instance: "ib".into(),
+        pod: None,
     }
 }
 
@@ -20,6 +21,7 @@ fn other() -> Holder {
         node: "a".into(),
         pod_uid: "pod-a".into(),
         instance: "ia".into(),
+        pod: None,
     }
 }
 

@@ -30,7 +30,9 @@
 
 pub mod types;
 
-pub use types::{ClaimRecord, ClaimState, Epoch, Holder, NodeFence, SessionKey, SessionRecord};
+pub use types::{
+    ClaimRecord, ClaimState, Epoch, Holder, NodeFence, PodName, SessionKey, SessionRecord,
+};
 
 pub mod gate;
 

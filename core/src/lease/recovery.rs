@@ -124,6 +124,7 @@ async fn settle_claim(
             Some(instance) => ClaimRecord {
                 holder: Holder {
                     instance: instance.to_string(),
+                    pod: None,
                     ..c.holder.clone()
                 },
                 epoch: c.epoch + 1,

@@ -17,8 +17,8 @@ use crate::lease::node_lock::NodeLock;
 use crate::lease::recovery::{recover_predecessors, DataPathSurvives, RecoveryReport};
 use crate::lease::session::{RenewOutcome, RenewState};
 use crate::lease::{
-    Epoch, Grant, Holder, LeaseError, LeaseParams, NodeIdentity, SessionDeadline, SessionKey,
-    SessionRecord,
+    Epoch, Grant, Holder, LeaseError, LeaseParams, NodeIdentity, PodName, SessionDeadline,
+    SessionKey, SessionRecord,
 };
 use crate::store::{LeaseStore, StoreError};
 
@@ -186,10 +186,24 @@ impl SessionLease {
         pod_uid: &str,
         wait_until: Option<Mono>,
     ) -> Result<Grant, LeaseError> {
+        self.acquire_for_pod(volume_id, pod_uid, None, wait_until)
+            .await
+    }
+
+    /// [`SessionLease::acquire`], recording the pod's namespace and name on the claim so
+    /// that a refused pod (and `kubectl describe`) can be told who holds the volume.
+    pub async fn acquire_for_pod(
+        &self,
+        volume_id: &str,
+        pod_uid: &str,
+        pod: Option<PodName>,
+        wait_until: Option<Mono>,
+    ) -> Result<Grant, LeaseError> {
         let me = Holder {
             node: self.key.node.clone(),
             pod_uid: pod_uid.to_string(),
             instance: self.key.instance.clone(),
+            pod,
         };
         acquire_as(&self.client, me, volume_id, wait_until, || {
             self.check_live()

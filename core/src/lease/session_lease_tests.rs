@@ -253,6 +253,7 @@ async fn leave_predecessor(env: &Env, instance: &str, boot: &str, machine: &str)
         node: "a".into(),
         pod_uid: "pod-old".into(),
         instance: instance.into(),
+        pod: None,
     };
     let claim = ClaimRecord {
         volume_id: "vol".into(),

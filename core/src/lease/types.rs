@@ -53,9 +53,42 @@ pub struct Holder {
     pub pod_uid: String,
     /// The session instance the claim hangs off.
     pub instance: String,
+    /// The pod's namespace and name, when the publish carried them (kubelet sends them
+    /// with `podInfoOnMount`). Only for messages: the lock is decided by the UID.
+    /// Records written without it still read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodName>,
+}
+
+/// A pod's namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PodName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PodName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 impl Holder {
+    /// The same pod through the same session. The recorded name is not compared: it is
+    /// for messages only, and a record written without it is still this pod's.
+    pub fn is_same_pod(&self, other: &Holder) -> bool {
+        self.node == other.node && self.pod_uid == other.pod_uid && self.instance == other.instance
+    }
+
+    /// The holder pod as people name it: `namespace/name (uid U)`, or the UID alone
+    /// when the name was not recorded.
+    pub fn pod_words(&self) -> String {
+        match &self.pod {
+            Some(pod) => format!("{pod} (uid {})", self.pod_uid),
+            None => self.pod_uid.clone(),
+        }
+    }
+
     pub fn session(&self) -> SessionKey {
         SessionKey {
             node: self.node.clone(),

@@ -251,6 +251,7 @@ impl World {
             node: self.nodes[p.node].name.clone(),
             pod_uid: want.pod.clone(),
             instance: p.instance.clone(),
+            pod: None,
         };
         let (attempt, step) = AcquireAttempt::new(&want.volume, me, self.cfg.params);
         self.drive_acquire(id, Box::new(attempt), want, step);

@@ -205,6 +205,7 @@ mod tests {
                 node: "n1".into(),
                 pod_uid: "p1".into(),
                 instance: "i1".into(),
+                pod: None,
             },
             state: ClaimState::Held,
             epoch: 3,

@@ -43,6 +43,7 @@ pub fn claim(volume: &str, node: &str, state: ClaimState, epoch: u64) -> ClaimRe
             node: node.into(),
             pod_uid: "pod-1".into(),
             instance: "inst-1".into(),
+            pod: None,
         },
         state,
         epoch,

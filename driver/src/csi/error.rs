@@ -85,12 +85,26 @@ pub enum NodeError {
         stored: String,
     },
     /// Another pod holds the volume's claim.
-    #[error("volume {volume} is held by pod {pod_uid} on node {node}; {until}")]
+    #[error("volume {volume} is held by pod {pod} on node {node}; {until}")]
     Held {
         volume: String,
-        pod_uid: String,
+        /// `namespace/name (uid U)`, or the UID alone when the name is not on record.
+        pod: String,
         node: String,
         until: String,
+    },
+    /// Another pod on this same node holds the volume's claim. Never waited for here:
+    /// kubelet runs one operation per volume at a time, so the holder's
+    /// NodeUnpublishVolume (which releases the claim) cannot start while this publish
+    /// waits. Failing lets it run; kubelet retries this publish afterwards.
+    #[error(
+        "volume {volume} is held by pod {pod} on this node ({node}); it is released when \
+         that pod's volume is unmounted, and kubelet retries this mount then"
+    )]
+    HeldOnThisNode {
+        volume: String,
+        pod: String,
+        node: String,
     },
     /// The lease store could not be reached (or this node's session is not live).
     #[error("volume {volume}: cannot take its claim now: {reason}")]
@@ -140,7 +154,7 @@ impl NodeError {
         match e {
             LeaseError::Held { holder, expires_in } => NodeError::Held {
                 volume,
-                pod_uid: holder.pod_uid,
+                pod: holder.pod_words(),
                 node: holder.node,
                 until: expiry_words(expires_in),
             },
@@ -197,6 +211,7 @@ impl From<NodeError> for Status {
             | NodeError::Mount(MountError::Busy { .. })
             | NodeError::MissingPodUid { .. }
             | NodeError::Held { .. }
+            | NodeError::HeldOnThisNode { .. }
             | NodeError::NodeFenced { .. }
             | NodeError::EpochSuperseded { .. }
             | NodeError::Fenced { .. } => Status::failed_precondition(message),

@@ -26,10 +26,12 @@ use holdfast_core::csi::validate;
 use holdfast_core::lease::VolumeGate;
 use tonic::{Request, Response, Status};
 
-use crate::lock::claims::{ClaimBook, ClaimRequest};
 use crate::csi::error::NodeError;
-use crate::lock::lock_request::{check_context, pod_uid};
-pub use crate::lock::lock_request::{grpc_timeout, wait_budget, DEFAULT_WAIT, MAX_WAIT, POD_UID_KEY};
+use crate::lock::claims::{ClaimBook, ClaimRequest};
+use crate::lock::lock_request::{check_context, pod_name, pod_uid};
+pub use crate::lock::lock_request::{
+    grpc_timeout, wait_budget, DEFAULT_WAIT, MAX_WAIT, POD_UID_KEY,
+};
 use crate::publish::published::{DataPathKind, PublishedTable};
 use crate::publish::publisher::{PublishPlan, Publisher, TargetUsage};
 
@@ -242,53 +244,62 @@ impl NodeService {
         if let Err(e) = check_context(&meta.params, &req.volume_context) {
             return PublishAttempt::Done(Err(Status::from(e)));
         }
-        let (gate, claim_taken) = if meta.params.exclusive {
-            let pod_uid = match (
-                pod_uid(&id, &req.volume_context),
-                &self.holder_without_pod_info,
-            ) {
-                (Ok(uid), _) => uid,
-                (Err(_), Some(holder)) => holder.clone(),
-                (Err(e), None) => return PublishAttempt::Done(Err(Status::from(e))),
-            };
-            let publisher = self.publisher.clone();
-            let volume = plan.volume.clone();
-            let paths = blocking(move || {
-                let backend = publisher.backend();
-                Ok((backend.epoch_file(&volume)?, backend.data_dir(&volume)?))
-            })
-            .await;
-            let (epoch_file, data_dir) = match paths {
-                Ok(paths) => paths,
-                Err(status) => return PublishAttempt::Done(Err(status)),
-            };
-            let kind = match meta.params.data_path {
-                holdfast_core::backend::DataPath::Bind => DataPathKind::Bind,
-                holdfast_core::backend::DataPath::Fuse => DataPathKind::Fuse,
-            };
-            let acquired = self
-                .claims
-                .acquire(ClaimRequest {
-                    volume_id: id.clone(),
-                    pod_uid,
-                    kind,
-                    epoch_file,
-                    data_dir,
+        let (gate, claim_taken) =
+            if meta.params.exclusive {
+                let pod_uid = match (
+                    pod_uid(&id, &req.volume_context),
+                    &self.holder_without_pod_info,
+                ) {
+                    (Ok(uid), _) => uid,
+                    (Err(_), Some(holder)) => holder.clone(),
+                    (Err(e), None) => return PublishAttempt::Done(Err(Status::from(e))),
+                };
+                let publisher = self.publisher.clone();
+                let volume = plan.volume.clone();
+                let paths = blocking(move || {
+                    let backend = publisher.backend();
+                    Ok((backend.epoch_file(&volume)?, backend.data_dir(&volume)?))
                 })
                 .await;
-            match acquired {
-                Ok((claim, taken)) => (claim.gate.clone(), taken),
-                Err(NodeError::Held { .. })
-                    if meta.params.on_conflict == OnConflict::Wait
-                        && Mono::now() + WAIT_POLL < wait_until =>
-                {
-                    return PublishAttempt::HeldRetryAfter(WAIT_POLL);
+                let (epoch_file, data_dir) = match paths {
+                    Ok(paths) => paths,
+                    Err(status) => return PublishAttempt::Done(Err(status)),
+                };
+                let kind = match meta.params.data_path {
+                    holdfast_core::backend::DataPath::Bind => DataPathKind::Bind,
+                    holdfast_core::backend::DataPath::Fuse => DataPathKind::Fuse,
+                };
+                let acquired = self
+                    .claims
+                    .acquire(ClaimRequest {
+                        volume_id: id.clone(),
+                        pod_uid,
+                        pod: pod_name(&req.volume_context),
+                        kind,
+                        epoch_file,
+                        data_dir,
+                    })
+                    .await;
+                match acquired {
+                    Ok((claim, taken)) => (claim.gate.clone(), taken),
+                    Err(NodeError::Held {
+                        volume, pod, node, ..
+                    }) if node == self.node_id => {
+                        return PublishAttempt::Done(Err(Status::from(
+                            NodeError::HeldOnThisNode { volume, pod, node },
+                        )));
+                    }
+                    Err(NodeError::Held { .. })
+                        if meta.params.on_conflict == OnConflict::Wait
+                            && Mono::now() + WAIT_POLL < wait_until =>
+                    {
+                        return PublishAttempt::HeldRetryAfter(WAIT_POLL);
+                    }
+                    Err(e) => return PublishAttempt::Done(Err(Status::from(e))),
                 }
-                Err(e) => return PublishAttempt::Done(Err(Status::from(e))),
-            }
-        } else {
-            (VolumeGate::unclaimed(), false)
-        };
+            } else {
+                (VolumeGate::unclaimed(), false)
+            };
         let publisher = self.publisher.clone();
         let plan = plan.clone();
         let result = blocking(move || publisher.publish(&plan, gate)).await;

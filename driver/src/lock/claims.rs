@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use holdfast_core::clock::Mono;
-use holdfast_core::lease::{Epoch, FenceCause, LeaseError, SessionLease, VolumeGate};
+use holdfast_core::lease::{Epoch, FenceCause, LeaseError, PodName, SessionLease, VolumeGate};
 use tokio::sync::mpsc;
 
-use crate::lock::epoch_file::{self, EpochWrite};
 use crate::csi::error::NodeError;
+use crate::lock::epoch_file::{self, EpochWrite};
 use crate::publish::published::DataPathKind;
 
 /// How long an unpublish waits for the store before queueing its release.
@@ -109,6 +109,8 @@ pub struct ClaimBook {
 pub struct ClaimRequest {
     pub volume_id: String,
     pub pod_uid: String,
+    /// The pod's namespace and name when kubelet sent them (for messages only).
+    pub pod: Option<PodName>,
     pub kind: DataPathKind,
     pub epoch_file: PathBuf,
     pub data_dir: PathBuf,
@@ -176,7 +178,7 @@ impl ClaimBook {
         }
         let grant = self
             .session
-            .acquire(&req.volume_id, &req.pod_uid, None)
+            .acquire_for_pod(&req.volume_id, &req.pod_uid, req.pod.clone(), None)
             .await
             .map_err(|e| NodeError::from_lease(&req.volume_id, e))?;
         if let Some(old) = existing {

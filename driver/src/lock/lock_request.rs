@@ -6,12 +6,16 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use holdfast_core::backend::VolumeParams;
+use holdfast_core::lease::PodName;
 use tonic::metadata::MetadataMap;
 
 use crate::csi::error::NodeError;
 
 /// Where kubelet puts the pod's UID when the CSIDriver has `podInfoOnMount: true`.
 pub const POD_UID_KEY: &str = "csi.storage.k8s.io/pod.uid";
+/// Where kubelet puts the pod's name and namespace (same `podInfoOnMount`).
+pub const POD_NAME_KEY: &str = "csi.storage.k8s.io/pod.name";
+pub const POD_NAMESPACE_KEY: &str = "csi.storage.k8s.io/pod.namespace";
 /// onConflict=wait without a gRPC deadline waits this long.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// onConflict=wait never waits longer than this, whatever the deadline.
@@ -52,6 +56,19 @@ pub fn pod_uid(volume: &str, context: &HashMap<String, String>) -> Result<String
             key: POD_UID_KEY,
         }),
     }
+}
+
+/// The pod's namespace and name, recorded on its claim so that a refused pod can be
+/// told who holds the volume. Optional: the lock itself is decided by the UID.
+pub fn pod_name(context: &HashMap<String, String>) -> Option<PodName> {
+    let namespace = context
+        .get(POD_NAMESPACE_KEY)
+        .filter(|s| !s.trim().is_empty())?;
+    let name = context.get(POD_NAME_KEY).filter(|s| !s.trim().is_empty())?;
+    Some(PodName {
+        namespace: namespace.clone(),
+        name: name.clone(),
+    })
 }
 
 /// The call's remaining deadline from its `grpc-timeout` header (`<digits><unit>`).

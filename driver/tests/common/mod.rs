@@ -437,6 +437,26 @@ pub fn publish_for(volume_id: &str, target: &Path, pod_uid: &str) -> NodePublish
     }
 }
 
+/// [`publish_for`] with the pod's namespace and name, as kubelet sends them with
+/// `podInfoOnMount`.
+pub fn publish_for_pod(
+    volume_id: &str,
+    target: &Path,
+    pod_uid: &str,
+    namespace: &str,
+    name: &str,
+) -> NodePublishVolumeRequest {
+    let mut request = publish_for(volume_id, target, pod_uid);
+    request.volume_context.extend([
+        (
+            "csi.storage.k8s.io/pod.namespace".to_string(),
+            namespace.to_string(),
+        ),
+        ("csi.storage.k8s.io/pod.name".to_string(), name.to_string()),
+    ]);
+    request
+}
+
 /// Creates a volume directly in the backend at `root` (no Controller needed), with the
 /// given StorageClass parameters; returns its id.
 pub fn create_volume_in(root: &Path, name: &str, params: &[(&str, &str)]) -> String {
