@@ -199,6 +199,7 @@ fn validate_publish(req: &NodePublishVolumeRequest) -> Result<PublishPlan, Statu
         readonly: req.readonly
             || matches!(mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly),
         single_target,
+        pod: crate::publish::fuse_targets::TargetPod::from_context(&req.volume_context),
     })
 }
 

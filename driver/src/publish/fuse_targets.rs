@@ -7,15 +7,22 @@
 //! fuse-targets.json`, atomically: temp file, fsync, rename). At start only the entries
 //! whose target still carries a `fuse.holdfast` mount are believed; the rest are stale.
 //!
+//! Each entry also names the pod the target was published for (its UID and, with
+//! `podInfoOnMount`, its namespace/name), so that the restarted plugin can tell that pod
+//! its data path died ([`crate::publish::data_path_loss`]). Records written before these
+//! fields existed still load: the pod is then unknown and nothing is reported.
+//!
 //! Written by the publisher only, under its table lock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use holdfast_core::lease::PodName;
 use serde::{Deserialize, Serialize};
 
 use crate::csi::error::NodeError;
+use crate::lock::lock_request::{pod_name, POD_UID_KEY};
 
 const FILE_NAME: &str = "fuse-targets.json";
 
@@ -23,6 +30,34 @@ const FILE_NAME: &str = "fuse-targets.json";
 pub struct FuseTarget {
     pub volume: String,
     pub readonly: bool,
+    /// The UID of the pod the target was published for; `None` when the request carried
+    /// none (a CO without pod info, or a record from an older plugin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// The pod's namespace and name, when kubelet sent them (`podInfoOnMount`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodName>,
+}
+
+/// The pod a FUSE target was published for, as the publish request named it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TargetPod {
+    pub uid: Option<String>,
+    pub name: Option<PodName>,
+}
+
+impl TargetPod {
+    /// The pod kubelet names in a publish request's volume_context (`podInfoOnMount`).
+    pub fn from_context(context: &HashMap<String, String>) -> Self {
+        let uid = context
+            .get(POD_UID_KEY)
+            .filter(|uid| !uid.trim().is_empty())
+            .cloned();
+        TargetPod {
+            uid,
+            name: pod_name(context),
+        }
+    }
 }
 
 /// Target path → what it shows.
@@ -89,11 +124,30 @@ mod tests {
             FuseTarget {
                 volume: "hf-0123456789abcdef0123456789abcdef".into(),
                 readonly: true,
+                pod_uid: Some("0d6c1e4e-uid".into()),
+                pod: Some(PodName {
+                    namespace: "apps".into(),
+                    name: "db-0".into(),
+                }),
             },
         );
         file.store(&targets).unwrap();
         assert_eq!(file.load().unwrap(), targets);
         std::fs::write(dir.path().join(FILE_NAME), b"{not json").unwrap();
         assert!(file.load().is_err());
+    }
+
+    #[test]
+    fn records_without_a_pod_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(FILE_NAME),
+            br#"{"/pods/x/vol": {"volume": "hf-0123456789abcdef0123456789abcdef", "readonly": false}}"#,
+        )
+        .unwrap();
+        let loaded = FuseTargetsFile::new(dir.path()).load().unwrap();
+        let target = &loaded[Path::new("/pods/x/vol")];
+        assert_eq!(target.pod_uid, None);
+        assert_eq!(target.pod, None);
     }
 }

@@ -20,9 +20,9 @@ use std::sync::{Mutex, MutexGuard};
 use holdfast_core::backend::{Backend, DataPath, FenceAction, VolumeId};
 use holdfast_core::lease::VolumeGate;
 
-use crate::datapath::{self, FuseOptions, FuseVolume};
 use crate::csi::error::NodeError;
-use crate::publish::fuse_targets::{FuseTarget, FuseTargets, FuseTargetsFile};
+use crate::datapath::{self, FuseOptions, FuseVolume};
+use crate::publish::fuse_targets::{FuseTarget, FuseTargets, FuseTargetsFile, TargetPod};
 use crate::publish::kernel_mounts::{self as mount, DetachPolicy, MountEntry, MountTable};
 use crate::publish::published::{DataPathKind, Published, PublishedTable, VolumeLocks};
 
@@ -41,6 +41,9 @@ pub struct PublishPlan {
     pub readonly: bool,
     /// SINGLE_NODE_SINGLE_WRITER: at most one target on this node.
     pub single_target: bool,
+    /// The pod the request names (kubelet's `podInfoOnMount` context). Recorded with a
+    /// FUSE target, so that a restarted plugin can tell that pod its data path died.
+    pub pod: TargetPod,
 }
 
 /// statvfs of a published target (`None` when it cannot be read), and what is wrong
@@ -55,6 +58,8 @@ pub struct Publisher {
     published: Mutex<PublishedTable>,
     fuse: Mutex<HashMap<PathBuf, FuseVolume>>,
     fuse_record: FuseTargetsFile,
+    /// The pod of each FUSE target, for the record. Lock order: the table first.
+    fuse_pods: Mutex<HashMap<PathBuf, TargetPod>>,
     pub locks: VolumeLocks,
     /// Whether FUSE volumes may use kernel passthrough (`--fuse-passthrough`).
     fuse_passthrough: bool,
@@ -77,6 +82,7 @@ impl Publisher {
             None => PublishedTable::default(),
         };
         let fuse_record = FuseTargetsFile::new(state_dir);
+        let mut fuse_pods = HashMap::new();
         for (target, recorded) in fuse_record.load()? {
             let still_mounted = table
                 .mounted_at(&target)
@@ -86,7 +92,12 @@ impl Publisher {
                     readonly: recorded.readonly,
                     kind: DataPathKind::Fuse,
                 };
-                published.insert(&recorded.volume, target, how);
+                published.insert(&recorded.volume, target.clone(), how);
+                let pod = TargetPod {
+                    uid: recorded.pod_uid,
+                    name: recorded.pod,
+                };
+                fuse_pods.insert(target, pod);
             }
         }
         if !published.is_empty() {
@@ -101,6 +112,7 @@ impl Publisher {
             fuse: Mutex::new(HashMap::new()),
             fuse_passthrough: false,
             fuse_record,
+            fuse_pods: Mutex::new(fuse_pods),
             locks: VolumeLocks::default(),
         };
         publisher.store_fuse_record();
@@ -111,21 +123,42 @@ impl Publisher {
     /// mount it describes is already made or gone, and a stale record only costs a
     /// restarted plugin the knowledge of which volume a dead FUSE target showed.
     fn store_fuse_record(&self) {
-        let table = self.table();
-        let targets: FuseTargets = table
-            .entries()
-            .filter(|(_, _, how)| how.kind == DataPathKind::Fuse)
-            .map(|(volume, target, how)| {
-                let recorded = FuseTarget {
-                    volume: volume.to_string(),
-                    readonly: how.readonly,
-                };
-                (target.to_path_buf(), recorded)
-            })
-            .collect();
+        let targets = self.fuse_targets(|_| true);
         if let Err(e) = self.fuse_record.store(&targets) {
             tracing::error!(error = %e, "cannot record FUSE targets");
         }
+    }
+
+    /// The FUSE targets of the table that `keep` accepts, with their pods.
+    fn fuse_targets(&self, keep: impl Fn(&Path) -> bool) -> FuseTargets {
+        let table = self.table();
+        let pods = self.pods();
+        table
+            .entries()
+            .filter(|(_, target, how)| how.kind == DataPathKind::Fuse && keep(target))
+            .map(|(volume, target, how)| {
+                let pod = pods.get(target).cloned().unwrap_or_default();
+                let recorded = FuseTarget {
+                    volume: volume.to_string(),
+                    readonly: how.readonly,
+                    pod_uid: pod.uid,
+                    pod: pod.name,
+                };
+                (target.to_path_buf(), recorded)
+            })
+            .collect()
+    }
+
+    /// The FUSE targets in the table that no session of this process serves: at start,
+    /// every FUSE target (they were recovered from the record, and their server was a
+    /// predecessor). Whether each one is really dead is for the caller to check.
+    pub fn orphaned_fuse_targets(&self) -> FuseTargets {
+        let served: Vec<PathBuf> = self.sessions().keys().cloned().collect();
+        self.fuse_targets(|target| !served.iter().any(|s| s == target))
+    }
+
+    fn pods(&self) -> MutexGuard<'_, HashMap<PathBuf, TargetPod>> {
+        self.fuse_pods.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn table(&self) -> MutexGuard<'_, PublishedTable> {
@@ -188,7 +221,7 @@ impl Publisher {
                 mount::unmount(&target, DetachPolicy::IfBusy)?;
             } else {
                 self.check_existing(&table, existing, data_path, id, kind, plan.readonly)?;
-                self.record(id, target, plan.readonly, kind);
+                self.record(plan, target, kind);
                 return Ok(());
             }
         }
@@ -217,7 +250,7 @@ impl Publisher {
             }
         }
         tracing::info!(volume = id, target = %target.display(), readonly = plan.readonly, ?kind, "published");
-        self.record(id, target, plan.readonly, kind);
+        self.record(plan, target, kind);
         Ok(())
     }
 
@@ -265,9 +298,15 @@ impl Publisher {
         Ok(())
     }
 
-    fn record(&self, volume: &str, target: PathBuf, readonly: bool, kind: DataPathKind) {
-        self.table()
-            .insert(volume, target, Published { readonly, kind });
+    fn record(&self, plan: &PublishPlan, target: PathBuf, kind: DataPathKind) {
+        if kind == DataPathKind::Fuse {
+            self.pods().insert(target.clone(), plan.pod.clone());
+        }
+        let how = Published {
+            readonly: plan.readonly,
+            kind,
+        };
+        self.table().insert(plan.volume.as_str(), target, how);
         if kind == DataPathKind::Fuse {
             self.store_fuse_record();
         }
@@ -331,6 +370,7 @@ impl Publisher {
         }
         let removed = self.table().remove(volume, &target);
         if removed.is_some_and(|how| how.kind == DataPathKind::Fuse) {
+            self.pods().remove(&target);
             self.store_fuse_record();
         }
         tracing::info!(volume, target = %target.display(), "unpublished");
