@@ -80,6 +80,23 @@ pub struct Args {
     /// passthrough. Off by default: see "Kernel passthrough" in the README.
     #[arg(long, env = "HOLDFAST_FUSE_PASSTHROUGH")]
     pub fuse_passthrough: bool,
+
+    /// When this plugin starts after a predecessor died, the FUSE volumes that predecessor
+    /// served are dead (every operation fails with ENOTCONN). Each such pod gets a Warning
+    /// Event (reason VolumeDataPathLost); with this flag on, a pod that has a controller
+    /// (StatefulSet, ReplicaSet, Job...) is also deleted, only if its UID is still the one
+    /// that published (Event PodRestartedForDataPath), so that its controller recreates
+    /// it and it mounts the volume again through the live plugin. A bare pod is only
+    /// told. Needs a Kubernetes API (in-cluster or KUBECONFIG); without one, nothing is
+    /// reported.
+    #[arg(
+        long,
+        env = "HOLDFAST_RESTART_PODS_ON_DATA_PATH_LOSS",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub restart_pods_on_data_path_loss: bool,
 }
 
 /// The checked configuration the plugin runs with.
@@ -95,6 +112,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub standalone: bool,
     pub fuse_passthrough: bool,
+    pub restart_pods_on_data_path_loss: bool,
 }
 
 impl Args {
@@ -136,6 +154,7 @@ impl Args {
             log_format: self.log_format,
             standalone: self.standalone,
             fuse_passthrough: self.fuse_passthrough,
+            restart_pods_on_data_path_loss: self.restart_pods_on_data_path_loss,
         })
     }
 }
@@ -168,6 +187,23 @@ mod tests {
             std::time::Duration::from_secs(15)
         );
         assert!(!config.standalone);
+        assert!(config.restart_pods_on_data_path_loss);
+    }
+
+    #[test]
+    fn restarting_pods_on_data_path_loss_can_be_turned_off() {
+        let off = args(&["--node-id", "n", "--restart-pods-on-data-path-loss=false"]);
+        assert!(
+            !off.resolve(None, no_host)
+                .unwrap()
+                .restart_pods_on_data_path_loss
+        );
+        let on = args(&["--node-id", "n", "--restart-pods-on-data-path-loss", "true"]);
+        assert!(
+            on.resolve(None, no_host)
+                .unwrap()
+                .restart_pods_on_data_path_loss
+        );
     }
 
     #[test]

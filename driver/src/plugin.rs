@@ -26,7 +26,10 @@
 //! - keeps the dead FUSE targets mounted and dead rather than unmounting them (an
 //!   unmount would let the pod write into the bare target directory on the node's disk):
 //!   NodeGetVolumeStats reports them abnormal, NodeUnpublishVolume removes them, and a
-//!   republish of the same target replaces the dead mount after taking the claim again.
+//!   republish of the same target replaces the dead mount after taking the claim again;
+//! - tells each pod whose FUSE target died, by a Warning Event, and deletes it if it has
+//!   a controller to recreate it ([`crate::publish::data_path_loss`], in a task of its
+//!   own: serving never waits for the API server).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -45,11 +48,12 @@ use tokio::sync::watch;
 use tonic::transport::Server;
 
 use crate::args::{Args, ArgsError, Config};
+use crate::csi::error::NodeError;
+use crate::csi::node::NodeService;
 use crate::lock::claims::{self, ClaimBook};
 use crate::lock::enforcer;
 use crate::lock::epoch_file::{self, EpochWrite};
-use crate::csi::error::NodeError;
-use crate::csi::node::NodeService;
+use crate::publish::data_path_loss;
 use crate::publish::published::DataPathKind;
 use crate::publish::publisher::Publisher;
 
@@ -111,6 +115,8 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
         .map(|(volume, _, _)| volume.to_string())
         .collect();
     let survives: DataPathSurvives = Arc::new(move |claim| surviving.contains(&claim.volume_id));
+    // Before anything is served: every FUSE target in the table now was a predecessor's.
+    let orphaned_fuse = publisher.orphaned_fuse_targets();
     let lease_store = store::connect(config.store.clone()).await?;
     let identity = NodeIdentity::of_this_machine(&config.node_id).map_err(RunError::Session)?;
     let session = SessionLease::start_with(
@@ -128,6 +134,12 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     log_recovery(session.recovery());
     let (book, release_queue) = ClaimBook::new(session.clone());
     adopt_bind_claims(&book, &publisher, session.recovery()).await;
+    // Runs to its end on its own; the process exiting first only cuts it short.
+    tokio::spawn(data_path_loss::run(
+        orphaned_fuse,
+        config.node_id.clone(),
+        config.restart_pods_on_data_path_loss,
+    ));
 
     let (stop_enforcer, stopped) = watch::channel(false);
     let enforcer_task = tokio::spawn(enforcer::run(
