@@ -240,6 +240,27 @@ impl KubeletNode {
         );
     }
 
+    /// Stops the kubelet (SIGSTOP) and leaves everything else running: the node's pods,
+    /// the node plugin among them, carry on while Kubernetes hears nothing from the
+    /// node. A zombie node as the API server sees it.
+    pub fn pause_kubelet(&self) {
+        self.signal_kubelet("-STOP");
+    }
+
+    /// Wakes a kubelet stopped by [`KubeletNode::pause_kubelet`].
+    pub fn resume_kubelet(&self) {
+        self.signal_kubelet("-CONT");
+    }
+
+    fn signal_kubelet(&self, signal: &str) {
+        let pid = self.kubelet.as_ref().expect("the kubelet runs").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// The last lines `containerd` or `kubelet` logged.
     pub fn log_tail(&self, component: &str) -> String {
         log_tail(&self.dir.path().join(format!("{component}.log")))
