@@ -8,6 +8,10 @@
 //!   Role, the controller's `-lease-store` Role) was used: a grant no code path needs
 //!   fails the test, so the chart cannot drift wider than the code.
 //!
+//! The node plugin's `holdfast-node-pods` ClusterRole (pods get/delete, events create: the
+//! Events and restarts after a FUSE data path died with a previous plugin) is audited the
+//! same way by `driver/tests/data_path_loss.rs`, which plays the restart this suite does not.
+//!
 //! The sidecars' rules (provisioner, attacher, resizer, leader election) are their
 //! upstream projects' and are not checked here.
 
