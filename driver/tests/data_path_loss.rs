@@ -17,6 +17,9 @@
 //!   ClusterRole (least privilege for the grant this feature adds).
 //!
 //! Skips without the Kubernetes binaries unless `HOLDFAST_REQUIRE_KUBE=1`.
+//!
+//! Without any Kubernetes API (standalone, etcd outside a cluster) the restarted plugin
+//! says once that it cannot tell the pods, and serves as before.
 
 mod common;
 
@@ -35,6 +38,8 @@ const CHART_RBAC: &str = include_str!("../../manifests/deploy/20-rbac.yaml");
 const APPS: &str = "apps";
 /// How long the restarted plugin may take to report, at most.
 const REPORT_WITHIN: Duration = Duration::from_secs(60);
+/// The plugins inherit KUBECONFIG from this process: one test at a time sets it.
+static KUBECONFIG_ENV: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn pod(name: &str, owned: bool) -> Pod {
     let mut value = serde_json::json!({
@@ -172,6 +177,7 @@ async fn pods_of_a_dead_fuse_data_path_are_told_and_owned_ones_restarted() {
     let pods: Api<Pod> = Api::namespaced(admin.clone(), APPS);
     let events: Api<Event> = Api::namespaced(admin.clone(), APPS);
     // Every plugin process of this test inherits it: it is the chart's node identity.
+    let _env = KUBECONFIG_ENV.lock().await;
     std::env::set_var("KUBECONFIG", plane.kubeconfig(&Identity::node_plugin()));
 
     // --- Default: restart owned pods.
@@ -386,4 +392,29 @@ fn pods_role_grants() -> BTreeSet<(String, String, String)> {
         }
     }
     grants
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_kubernetes_api_the_loss_is_logged_and_the_plugin_serves() {
+    let _env = KUBECONFIG_ENV.lock().await;
+    // No in-cluster service account here; a KUBECONFIG that does not exist.
+    std::env::set_var("KUBECONFIG", "/nonexistent/holdfast-test-kubeconfig");
+    let mut plugin = Plugin::start_with(PluginOptions {
+        standalone: false,
+        node_id: "node-c".to_string(),
+        root: None,
+        extra_args: vec!["--lease-store".into(), "memory".into()],
+    })
+    .await;
+    let (_, target) = publish(&plugin, "solo-0", "uid-solo").await;
+    plugin.kill();
+    assert_dead(&target);
+    plugin.restart().await;
+    let deadline = Instant::now() + REPORT_WITHIN;
+    while !plugin.logs().contains("no Kubernetes API is configured") {
+        assert!(Instant::now() < deadline, "{}", plugin.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Still serving: a new volume publishes and takes writes.
+    publish(&plugin, "solo-1", "uid-solo-1").await;
 }
