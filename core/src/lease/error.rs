@@ -12,9 +12,11 @@ pub enum LeaseError {
     /// Someone else holds the claim. `expires_in` is how long, on this node's clock,
     /// until the holder's session can be taken over by timeout if it stays silent;
     /// `None` when it cannot be known (the holder is on this node, or not yet timed).
-    #[error("volume is held by pod {} on node {}{}", holder.pod_uid, holder.node, fmt_expiry(expires_in))]
+    #[error("volume is held by pod {} on node {}{}", holder.pod_words(), holder.node, fmt_expiry(expires_in))]
     Held {
-        holder: Holder,
+        /// Boxed: every lease call returns this error type, and the holder is its
+        /// largest part.
+        holder: Box<Holder>,
         expires_in: Option<Duration>,
     },
     #[error(transparent)]

@@ -210,7 +210,10 @@ impl AcquireAttempt {
                 if let Some(c) = claim {
                     let _ = seen.see_epoch(&self.volume_id, c.epoch);
                 }
-                fail(LeaseError::Held { holder, expires_in })
+                fail(LeaseError::Held {
+                    holder: Box::new(holder),
+                    expires_in,
+                })
             }
             AcquireDecision::AlreadyHeld { epoch } => {
                 let _ = seen.see_epoch(&self.volume_id, epoch);

@@ -55,7 +55,7 @@ impl Env {
 
 fn held(err: LeaseError) -> (Holder, Option<Duration>) {
     match err {
-        LeaseError::Held { holder, expires_in } => (holder, expires_in),
+        LeaseError::Held { holder, expires_in } => (*holder, expires_in),
         other => panic!("expected Held, got {other:?}"),
     }
 }
