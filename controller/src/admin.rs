@@ -79,11 +79,29 @@ pub async fn open_store(
 }
 
 pub async fn fence(store: &dyn LeaseStore, args: &FenceArgs) -> Result<FenceOutcome, RunError> {
-    check_node(&args.node)?;
-    let report = fence_node(store, &args.node, &args.reason).await?;
+    // Only the taint's own fences may be lifted by the taint's removal: an admin's
+    // fence must never be mistaken for one.
+    if crate::taint_fence::imitates_taint_cause(&args.reason) {
+        return Err(RunError::ReservedReason {
+            reason: args.reason.clone(),
+        });
+    }
+    fence_with_reason(store, &args.node, &args.reason).await
+}
+
+/// The fence itself, shared by `fence` and the out-of-service taint's node watch: a
+/// fence record for `node` (kept as it is if one exists), then every claim the node
+/// still holds marked fenced at a higher epoch.
+pub async fn fence_with_reason(
+    store: &dyn LeaseStore,
+    node: &str,
+    reason: &str,
+) -> Result<FenceOutcome, RunError> {
+    check_node(node)?;
+    let report = fence_node(store, node, reason).await?;
     Ok(FenceOutcome {
-        node: args.node.clone(),
-        reason: args.reason.clone(),
+        node: node.to_string(),
+        reason: reason.to_string(),
         already_fenced: report.already_fenced,
         fenced_claims: report
             .fenced

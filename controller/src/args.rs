@@ -4,10 +4,15 @@
 //! admin and fencing-agent verbs, run against the same lease store as the node plugins.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use holdfast_core::lease_config::LeaseArgs;
+use holdfast_core::lease_config::{
+    parse_duration, LeaseArgs, LeaseStoreKind, FALLBACK_NAMESPACE, POD_NAMESPACE_PATH,
+};
 use holdfast_core::logging::LogFormat;
+
+use crate::leader::{default_identity, LeaderConfig, LeaderConfigError};
 
 /// holdfast controller: serves the CSI Identity and Controller services on a unix
 /// socket (the default, or `serve`), and fences nodes and lists volume claims in the
@@ -69,6 +74,118 @@ pub struct ServeArgs {
     /// by which it judges their sessions (both checked at start).
     #[command(flatten)]
     pub lease: LeaseArgs,
+
+    #[command(flatten)]
+    pub leader: LeaderArgs,
+
+    /// Watch Nodes and fence those that carry the node.kubernetes.io/out-of-service
+    /// taint. Default: on with --lease-store=kubernetes or inside a pod.
+    #[arg(long, env = "HOLDFAST_WATCH_NODES", num_args = 0..=1, default_missing_value = "true")]
+    pub watch_nodes: Option<bool>,
+
+    /// How long each Node watch request lasts before the API server ends it and the
+    /// watch resumes from where it was (no re-list).
+    #[arg(long, env = "HOLDFAST_NODE_WATCH_TIMEOUT", default_value = "290s", value_parser = parse_duration)]
+    pub node_watch_timeout: Duration,
+
+    /// Serve Prometheus metrics on http://<address>/metrics: `:9809` (every interface),
+    /// `host:port`, or empty / `0` for off.
+    #[arg(long, env = "HOLDFAST_METRICS_ADDRESS", default_value = ":9809")]
+    pub metrics_address: String,
+}
+
+impl ServeArgs {
+    /// Whether the Kubernetes API is where this controller runs: the lease store is
+    /// kubernetes, or it runs in a pod (`KUBERNETES_SERVICE_HOST` is set).
+    pub fn kubernetes_by_default(&self) -> bool {
+        self.lease
+            .lease_store
+            .is_none_or(|s| s == LeaseStoreKind::Kubernetes)
+            || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+    }
+
+    /// `--leader-elect`, defaulted.
+    pub fn leader_elect(&self) -> bool {
+        self.leader
+            .leader_elect
+            .unwrap_or_else(|| self.kubernetes_by_default())
+    }
+
+    /// `--watch-nodes`, defaulted.
+    pub fn watch_nodes(&self) -> bool {
+        self.watch_nodes
+            .unwrap_or_else(|| self.kubernetes_by_default())
+    }
+}
+
+/// Leader election among controller replicas: only the leader acts (fences nodes for
+/// their taint); every replica serves CSI. See `leader.rs` for the rules.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+#[command(next_help_heading = "Leader election")]
+pub struct LeaderArgs {
+    /// Elect a leader on a coordination.k8s.io/v1 Lease. Default: on with
+    /// --lease-store=kubernetes or inside a pod.
+    #[arg(long, env = "HOLDFAST_LEADER_ELECT", num_args = 0..=1, default_missing_value = "true")]
+    pub leader_elect: Option<bool>,
+
+    /// Namespace of the leader Lease. Default: $POD_NAMESPACE, the pod's own namespace,
+    /// or "holdfast" outside a pod.
+    #[arg(long, env = "HOLDFAST_LEADER_ELECT_NAMESPACE")]
+    pub leader_elect_namespace: Option<String>,
+
+    /// Name of the leader Lease.
+    #[arg(long, env = "HOLDFAST_LEADER_ELECT_LEASE", default_value = crate::leader::DEFAULT_LEASE_NAME)]
+    pub leader_elect_lease: String,
+
+    /// This replica's holder identity. Default: $POD_NAME or the host name, with a
+    /// random suffix.
+    #[arg(long, env = "HOLDFAST_LEADER_ELECT_IDENTITY")]
+    pub leader_elect_identity: Option<String>,
+
+    /// How long the Lease must stay unrenewed before another replica takes over.
+    #[arg(long, env = "HOLDFAST_LEADER_ELECT_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub leader_elect_lease_duration: Duration,
+
+    /// How long a leader keeps acting after it sent its last successful renewal; below
+    /// the lease duration.
+    #[arg(long, env = "HOLDFAST_LEADER_ELECT_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    pub leader_elect_renew_deadline: Duration,
+
+    /// How often to try to acquire or renew; below the renew deadline.
+    #[arg(long, env = "HOLDFAST_LEADER_ELECT_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    pub leader_elect_retry_period: Duration,
+}
+
+impl LeaderArgs {
+    /// The election's settings, checked.
+    pub fn config(&self) -> Result<LeaderConfig, LeaderConfigError> {
+        let namespace = self
+            .leader_elect_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string(POD_NAMESPACE_PATH)
+                    .ok()
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+            })
+            .unwrap_or_else(|| FALLBACK_NAMESPACE.to_string());
+        let config = LeaderConfig {
+            namespace,
+            name: self.leader_elect_lease.clone(),
+            identity: self
+                .leader_elect_identity
+                .clone()
+                .unwrap_or_else(default_identity),
+            lease_duration: self.leader_elect_lease_duration,
+            renew_deadline: self.leader_elect_renew_deadline,
+            retry_period: self.leader_elect_retry_period,
+        };
+        config.validate()?;
+        Ok(config)
+    }
 }
 
 /// Fence a node known to be down: free its volume claims at once (see SAFETY in --help).
@@ -170,6 +287,22 @@ mod tests {
         assert_eq!(args.backend_root, Some(PathBuf::from("/srv/holdfast")));
         assert_eq!(args.log_level, "info");
         assert_eq!(args.log_format, LogFormat::Json);
+        assert_eq!(args.metrics_address, ":9809");
+        assert_eq!(args.leader.leader_elect, None);
+        let leader = args.leader.config().unwrap();
+        assert_eq!(leader.name, "holdfast-controller-leader");
+        assert_eq!(
+            (
+                leader.lease_duration,
+                leader.renew_deadline,
+                leader.retry_period
+            ),
+            (
+                Duration::from_secs(15),
+                Duration::from_secs(10),
+                Duration::from_secs(2)
+            )
+        );
         let Command::Serve(args) = parse(&[
             "serve",
             "--backend-root=/b",
@@ -188,6 +321,32 @@ mod tests {
             parse(&["serve"]).is_err(),
             "--backend-root is required to serve"
         );
+    }
+
+    #[test]
+    fn leader_election_defaults_follow_the_store() {
+        let serve = |argv: &[&str]| match parse(argv).unwrap() {
+            Command::Serve(args) => args,
+            other => panic!("{other:?}"),
+        };
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        let kubernetes = serve(&["--backend-root=/b"]);
+        assert!(kubernetes.leader_elect() && kubernetes.watch_nodes());
+        let etcd = serve(&["--backend-root=/b", "--lease-store=etcd"]);
+        assert_eq!(etcd.leader_elect(), in_pod);
+        let on = serve(&["--backend-root=/b", "--lease-store=etcd", "--leader-elect"]);
+        assert!(on.leader_elect());
+        let off = serve(&[
+            "--backend-root=/b",
+            "--leader-elect=false",
+            "--watch-nodes=false",
+        ]);
+        assert!(!off.leader_elect() && !off.watch_nodes());
+        let bad = serve(&["--backend-root=/b", "--leader-elect-renew-deadline=20s"]);
+        assert!(matches!(
+            bad.leader.config(),
+            Err(LeaderConfigError::DeadlineNotBelowDuration { .. })
+        ));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use holdfast_core::lease::{
     decide_attach, AttachDecision, AttachGrant, AttachInput, ClaimState, Epoch, Holder, LeaseError,
     LeaseParams,
 };
-use holdfast_core::store::LeaseStore;
+use holdfast_core::store::{LeaseStore, StoreError};
 
 use crate::ControllerError;
 
@@ -90,7 +90,16 @@ impl AttachGate {
 
     /// Whether `volume_id` may be attached to `node` now: `Ok` with why, or the
     /// refusal naming the holder, or the store's error (never a grant on an error).
+    /// Each refusal is counted in `holdfast_controller_attaches_refused_total`.
     pub async fn check(&self, volume_id: &str, node: &str) -> Result<AttachGrant, ControllerError> {
+        let decided = self.decide(volume_id, node).await;
+        if let Err(error) = &decided {
+            crate::metrics::count_attach_refused(refusal_reason(error));
+        }
+        decided
+    }
+
+    async fn decide(&self, volume_id: &str, node: &str) -> Result<AttachGrant, ControllerError> {
         // Read as a node's acquire reads: claim, then holder's session, then its fence.
         let claim = self
             .store
@@ -164,6 +173,18 @@ impl AttachGate {
             }
             .into()),
         }
+    }
+}
+
+/// The `reason` label of a refused attach.
+fn refusal_reason(error: &ControllerError) -> &'static str {
+    match error {
+        ControllerError::AttachRefused(_) => "held_elsewhere",
+        ControllerError::Lease(LeaseError::Store(StoreError::Unavailable(_))) => {
+            "store_unavailable"
+        }
+        ControllerError::Lease(LeaseError::EpochRegressed { .. }) => "epoch_regressed",
+        _ => "store_error",
     }
 }
 

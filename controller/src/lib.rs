@@ -7,6 +7,11 @@
 //! - [`gate`]: the attach gate — ControllerPublishVolume asks the node plugins' own
 //!   acquire decision whether another node's pod still holds the volume.
 //! - [`ControllerError`]: the crate's errors and their one mapping to gRPC codes.
+//! - [`leader`]: leader election on a Lease; only the leader acts.
+//! - [`node_watch`] / [`taint_fence`]: the Node watch that fences a node for its
+//!   out-of-service taint, and the rules for when that fence is lifted.
+//! - [`metrics`]: the Prometheus series and the `/metrics` endpoint;
+//!   `timed_store` times every lease store call for them.
 //! - [`run`]: what the binary does — serve Identity + Controller until SIGTERM, or
 //!   run one admin verb and exit.
 
@@ -15,7 +20,12 @@ pub mod args;
 mod convert;
 mod error;
 pub mod gate;
+pub mod leader;
+pub mod metrics;
+pub mod node_watch;
 mod service;
+pub mod taint_fence;
+mod timed_store;
 
 use std::sync::Arc;
 
@@ -29,6 +39,10 @@ use holdfast_core::store::{self, StoreConfig, StoreError};
 
 use crate::args::{Command, ServeArgs};
 use crate::gate::AttachGate;
+use crate::leader::{Elector, LeaderConfigError, Leadership};
+use crate::node_watch::NodeWatch;
+use crate::timed_store::TimedStore;
+use tokio::sync::watch;
 
 pub use error::ControllerError;
 pub use service::{controller_service, ControllerService};
@@ -55,6 +69,11 @@ pub enum RunError {
     MissingBackendRoot,
     #[error("--node must not be empty")]
     EmptyNode,
+    #[error(
+        "--reason {reason:?} starts like the fences the controller makes for the \
+         out-of-service taint, which it lifts when the taint goes: choose another reason"
+    )]
+    ReservedReason { reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -63,6 +82,20 @@ pub enum RunError {
     Output(#[from] std::io::Error),
     #[error("cannot encode the output as JSON: {0}")]
     Json(serde_json::Error),
+    #[error(transparent)]
+    Leader(#[from] LeaderConfigError),
+    #[error("--metrics-address {0}")]
+    MetricsAddress(String),
+    #[error("cannot serve metrics on {address}: {source}")]
+    MetricsBind {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "no Kubernetes client configuration (in-cluster or KUBECONFIG), needed for \
+         --leader-elect and --watch-nodes (turn both off outside Kubernetes): {0}"
+    )]
+    Kube(String),
 }
 
 /// Runs what the command line asks: serve CSI (no subcommand, or `serve`) or one admin
@@ -95,7 +128,9 @@ pub async fn run(args: args::Args) -> Result<(), RunError> {
 }
 
 /// Serves Identity (advertising CONTROLLER_SERVICE) and Controller on the endpoint
-/// until SIGTERM or SIGINT, then removes the socket.
+/// until SIGTERM or SIGINT, then removes the socket. Beside it: the metrics endpoint,
+/// and, when Kubernetes is there, leader election and the Node watch (which acts only
+/// while this replica leads).
 pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
     logging::init(&args.log_level, args.log_format)?;
     // The same lease settings as the node plugins (the chart hands both the same ones):
@@ -103,7 +138,19 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
     let config = args.lease.store_config()?;
     let params = args.lease.params()?;
     let endpoint = Endpoint::parse(&args.endpoint)?;
-    let root = args.backend_root.ok_or(RunError::MissingBackendRoot)?;
+    let metrics_address =
+        metrics::parse_address(&args.metrics_address).map_err(RunError::MetricsAddress)?;
+    let leader_elect = args.leader_elect();
+    let watch_nodes = args.watch_nodes();
+    let leader_config = if leader_elect {
+        Some(args.leader.config()?)
+    } else {
+        None
+    };
+    let root = args
+        .backend_root
+        .clone()
+        .ok_or(RunError::MissingBackendRoot)?;
     let backend = Arc::new(Backend::open(&root)?);
     tracing::info!(backend_root = %backend.root().display(), "backend opened");
     if config == StoreConfig::Memory {
@@ -113,7 +160,50 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
         );
     }
     tracing::info!(store = ?config, ?params, "lease settings checked");
-    let store = store::connect(config).await?;
+    let store = TimedStore::wrap(store::connect(config).await?);
+
+    let (stop_tx, stop) = watch::channel(false);
+    let mut tasks = Vec::new();
+    if let Some(address) = metrics_address {
+        let server = metrics::serve(address, stop.clone())
+            .await
+            .map_err(|source| RunError::MetricsBind { address, source })?;
+        tasks.push(server);
+    }
+    let kube = if leader_elect || watch_nodes {
+        Some(
+            kube::Client::try_default()
+                .await
+                .map_err(|e| RunError::Kube(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    let leadership = match (&kube, leader_config) {
+        (Some(client), Some(config)) => {
+            tracing::info!(identity = %config.identity, namespace = %config.namespace, lease = %config.name, "leader election on: acting only while leading");
+            let leadership = Leadership::follower();
+            let elector = Elector::new(client.clone(), config, leadership.clone());
+            tasks.push(tokio::spawn(elector.run(stop.clone())));
+            leadership
+        }
+        _ => {
+            tracing::info!("leader election off: this replica acts alone");
+            metrics::set_leader(true);
+            Leadership::always()
+        }
+    };
+    if let (Some(client), true) = (&kube, watch_nodes) {
+        let recheck = params.renew_interval();
+        let node_watch = NodeWatch::new(store.clone(), leadership, recheck);
+        let timeout = args.node_watch_timeout;
+        tasks.push(tokio::spawn(node_watch.run(
+            client.clone(),
+            timeout,
+            stop.clone(),
+        )));
+    }
+
     let gate = Arc::new(AttachGate::new(store, params));
     let controller = ControllerService::new(backend).with_attach_gate(gate);
     let readiness = Readiness::new();
@@ -123,6 +213,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
         .add_service(controller.into_server());
     // The controller keeps no session of its own: it can serve as soon as it listens.
     readiness.set(true);
-    serve::serve_unix(&endpoint, router, serve::shutdown_signal()).await?;
+    let served = serve::serve_unix(&endpoint, router, serve::shutdown_signal()).await;
+    // Stop acting (and release the leader Lease) before exiting.
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
+    served?;
     Ok(())
 }

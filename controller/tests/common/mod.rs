@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod plane;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -30,31 +32,52 @@ impl ControllerProcess {
         Self::start_with(root, socket, &["--lease-store=memory".to_string()]).await
     }
 
-    /// Starts the binary with `lease_args` (store and timing flags) instead.
+    /// Starts the binary with `lease_args` (store and timing flags) instead. Metrics
+    /// are off unless `lease_args` names `--metrics-address` (tests run side by side).
     pub async fn start_with(
         root: &Path,
         socket: &Path,
         lease_args: &[String],
     ) -> ControllerProcess {
+        Self::start_logged(root, socket, lease_args, &[], None).await
+    }
+
+    /// [`Self::start_with`], with environment variables `env`, and the log (debug
+    /// level) written to `log` when given.
+    pub async fn start_logged(
+        root: &Path,
+        socket: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: Option<&Path>,
+    ) -> ControllerProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_holdfast-controller"));
         for (key, _) in std::env::vars() {
-            if key.starts_with("HOLDFAST_") {
+            if key.starts_with("HOLDFAST_") || key == "KUBECONFIG" || key == "POD_NAMESPACE" {
                 command.env_remove(key);
             }
         }
+        if !args.iter().any(|a| a.starts_with("--metrics-address")) {
+            command.arg("--metrics-address=");
+        }
+        let stderr = match log {
+            Some(path) => {
+                command.arg("--log-level=debug,kube=info,hyper=info,tower=info,h2=info,rustls=info,hyper_util=info");
+                Stdio::from(std::fs::File::create(path).expect("controller log file"))
+            }
+            // The controller's log is noise in a passing run; HOLDFAST_TEST_LOG shows it.
+            None if std::env::var_os("HOLDFAST_TEST_LOG").is_some() => Stdio::inherit(),
+            None => Stdio::null(),
+        };
         let child = command
             .arg(format!("--endpoint=unix://{}", socket.display()))
             .arg(format!("--backend-root={}", root.display()))
             .arg("--log-format=text")
-            .args(lease_args)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("CSI_ENDPOINT")
             .stdin(Stdio::null())
-            // The controller's log is noise in a passing run; HOLDFAST_TEST_LOG shows it.
-            .stderr(if std::env::var_os("HOLDFAST_TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .spawn()
             .expect("start holdfast-controller");
         let mut process = ControllerProcess {
@@ -85,6 +108,22 @@ impl ControllerProcess {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. STOP, CONT, KILL) to the process.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub async fn channel(&self) -> Channel {
@@ -205,4 +244,45 @@ pub fn code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status
         Ok(r) => panic!("expected an error, got {:?}", r.into_inner()),
         Err(status) => status.code(),
     }
+}
+
+/// A free TCP port on loopback (for `--metrics-address`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /metrics` on `127.0.0.1:port`: the body, or `None` if nothing answers.
+pub async fn scrape(port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8(response).ok()?;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    Some(text.split_once("\r\n\r\n")?.1.to_string())
+}
+
+/// The value of the series `name` (with its labels, exactly as rendered) in `body`.
+pub fn series(body: &str, name: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
 }

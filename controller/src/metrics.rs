@@ -1,0 +1,262 @@
+//! The controller's Prometheus metrics (prometheus-client) and the `/metrics` endpoint
+//! that serves them (hyper, HTTP/1.1, already in the tree under tonic and kube).
+//!
+//! One registry per process ([`metrics`]): the attach gate, the node watch, the leader
+//! elector and the store wrapper each bump their own series; nothing here decides
+//! anything. Series (all prefixed `holdfast_controller_`):
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `fences_total` | counter | `cause`: `out_of_service_taint` |
+//! | `fences_lifted_total` | counter | `cause` |
+//! | `attaches_refused_total` | counter | `reason`: `held_elsewhere`, `store_unavailable`, `store_error`, `epoch_regressed` |
+//! | `leader` | gauge | 1 while this replica acts, else 0 |
+//! | `watch_restarts_total` | counter | `resource`: `nodes` (a re-list after the first, or a watch error) |
+//! | `store_call_seconds` | histogram | `op`, `outcome` (`ok`, `conflict`, `unavailable`, `error`) |
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::LazyLock;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+type Label = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+
+#[derive(Clone)]
+struct Buckets;
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        // 0.5 ms … ~8 s: an etcd round trip to a store call at its timeout.
+        Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+    }
+}
+
+/// Every series the controller exports.
+pub struct Metrics {
+    registry: Registry,
+    fences: Family<Label, Counter>,
+    fences_lifted: Family<Label, Counter>,
+    attaches_refused: Family<Label, Counter>,
+    leader: Gauge,
+    watch_restarts: Family<Label, Counter>,
+    store_calls: Family<Labels2, Histogram, Buckets>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("holdfast_controller");
+        let fences = Family::<Label, Counter>::default();
+        registry.register(
+            "fences",
+            "Nodes this controller fenced, by cause",
+            fences.clone(),
+        );
+        let fences_lifted = Family::<Label, Counter>::default();
+        registry.register(
+            "fences_lifted",
+            "Node fences this controller lifted, by the cause they were made for",
+            fences_lifted.clone(),
+        );
+        let attaches_refused = Family::<Label, Counter>::default();
+        registry.register(
+            "attaches_refused",
+            "ControllerPublishVolume calls the attach gate refused, by reason",
+            attaches_refused.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica is the elected leader and acts, else 0",
+            leader.clone(),
+        );
+        let watch_restarts = Family::<Label, Counter>::default();
+        registry.register(
+            "watch_restarts",
+            "Kubernetes watches re-listed or failed, by resource",
+            watch_restarts.clone(),
+        );
+        let store_calls = Family::new_with_constructor(Buckets);
+        registry.register(
+            "store_call_seconds",
+            "Lease store call latency, by operation and outcome",
+            store_calls.clone(),
+        );
+        Metrics {
+            registry,
+            fences,
+            fences_lifted,
+            attaches_refused,
+            leader,
+            watch_restarts,
+            store_calls,
+        }
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// This process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+pub fn count_fence(cause: &'static str) {
+    metrics().fences.get_or_create(&[("cause", cause)]).inc();
+}
+
+pub fn count_fence_lifted(cause: &'static str) {
+    metrics()
+        .fences_lifted
+        .get_or_create(&[("cause", cause)])
+        .inc();
+}
+
+pub fn count_attach_refused(reason: &'static str) {
+    metrics()
+        .attaches_refused
+        .get_or_create(&[("reason", reason)])
+        .inc();
+}
+
+pub fn set_leader(leading: bool) {
+    metrics().leader.set(i64::from(leading));
+}
+
+pub fn count_watch_restart(resource: &'static str) {
+    metrics()
+        .watch_restarts
+        .get_or_create(&[("resource", resource)])
+        .inc();
+}
+
+pub fn observe_store_call(op: &'static str, outcome: &'static str, seconds: f64) {
+    metrics()
+        .store_calls
+        .get_or_create(&[("op", op), ("outcome", outcome)])
+        .observe(seconds);
+}
+
+/// `--metrics-address`: `:9809` (every interface), `host:port`, or empty / `0` for off.
+pub fn parse_address(text: &str) -> Result<Option<SocketAddr>, String> {
+    let text = text.trim();
+    if text.is_empty() || text == "0" {
+        return Ok(None);
+    }
+    let full = match text.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => text.to_string(),
+    };
+    full.parse().map(Some).map_err(|e| {
+        format!("{text:?} is not an address to listen on (e.g. :9809, 127.0.0.1:9809, or 0 for off): {e}")
+    })
+}
+
+/// Binds `address` now (so a taken port stops the controller at start, naming it), and
+/// serves `GET /metrics` on it until `stop` turns true.
+pub async fn serve(
+    address: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(address).await?;
+    tracing::info!(address = %listener.local_addr()?, "serving metrics on /metrics");
+    Ok(tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(err) => {
+                        tracing::warn!(%err, "metrics: accept failed");
+                        continue;
+                    }
+                },
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let io = hyper_util::rt::TokioIo::new(stream);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(answer);
+                if let Err(err) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await
+                {
+                    tracing::debug!(%err, "metrics: connection ended with an error");
+                }
+            });
+        }
+    }))
+}
+
+async fn answer(
+    request: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let response = if request.uri().path() == "/metrics" {
+        Response::builder()
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(metrics().render())))
+    } else {
+        Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::from_static(
+                b"only /metrics is served here\n",
+            )))
+    };
+    Ok(response.expect("a response built from valid parts"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_address("").unwrap(), None);
+        assert_eq!(parse_address("0").unwrap(), None);
+        assert_eq!(
+            parse_address(":9809").unwrap(),
+            Some("0.0.0.0:9809".parse().unwrap())
+        );
+        assert_eq!(
+            parse_address("127.0.0.1:1234").unwrap(),
+            Some("127.0.0.1:1234".parse().unwrap())
+        );
+        assert!(parse_address("nonsense").is_err());
+    }
+
+    #[test]
+    fn series_render_with_their_labels() {
+        count_attach_refused("held_elsewhere");
+        count_fence("out_of_service_taint");
+        set_leader(true);
+        observe_store_call("get_claim", "ok", 0.001);
+        let text = metrics().render();
+        for needle in [
+            "holdfast_controller_attaches_refused_total{reason=\"held_elsewhere\"}",
+            "holdfast_controller_fences_total{cause=\"out_of_service_taint\"}",
+            "holdfast_controller_leader 1",
+            "holdfast_controller_store_call_seconds_bucket{le=\"0.001\",op=\"get_claim\",outcome=\"ok\"}",
+        ] {
+            assert!(text.contains(needle), "{needle} not in:\n{text}");
+        }
+    }
+}
