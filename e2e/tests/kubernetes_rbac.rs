@@ -5,8 +5,11 @@
 //! after a crash (which deletes the dead session), fence, claims listing, unfence. The API server's audit log then shows:
 //! - no call of either identity was refused (403): everything the code does is granted;
 //! - every verb and resource the chart grants holdfast's own code (the node plugin's
-//!   Role, the controller's `-lease-store` Role) was used: a grant no code path needs
-//!   fails the test, so the chart cannot drift wider than the code.
+//!   Role; the controller's `-lease-store` Role, its `-leader` Role for leader election
+//!   on its Lease, and its `-nodes` ClusterRole for the Node watch of the out-of-service
+//!   taint) was used: a grant no code path needs fails the test, so the chart cannot
+//!   drift wider than the code. The serving controller elects itself leader (get,
+//!   create, then patch renewals of its Lease) and lists and watches Nodes all along.
 //!
 //! The node plugin's `holdfast-node-pods` ClusterRole (pods get/delete, events create: the
 //! Events and restarts after a FUSE data path died with a previous plugin) is audited the
@@ -81,6 +84,9 @@ fn roles_bound_to(service_account: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_rbac_grants_exactly_what_the_code_uses() {
     let test = "chart_rbac_grants_exactly_what_the_code_uses";
+    // The audit log records a watch when it ends: the controller's Node watch requests
+    // last 3 s here (290 s by default), so its watches show within the test.
+    std::env::set_var("HOLDFAST_NODE_WATCH_TIMEOUT", "3s");
     let Some(mut cluster) = Cluster::start_kubernetes(test, 2).await else {
         return;
     };
@@ -129,7 +135,11 @@ async fn chart_rbac_grants_exactly_what_the_code_uses() {
         (Identity::node_plugin(), vec!["holdfast-node"]),
         (
             Identity::controller(),
-            vec!["holdfast-controller-lease-store"],
+            vec![
+                "holdfast-controller-lease-store",
+                "holdfast-controller-leader",
+                "holdfast-controller-nodes",
+            ],
         ),
     ] {
         let user = identity.user();
