@@ -513,14 +513,17 @@ fn lease_flags(
         .collect()
 }
 
+/// The file whose flock serializes clusters on this machine.
+pub const SERIAL_LOCK: &str = "/tmp/hf-e2e.lock";
+
 /// Serializes clusters across threads and processes; released when the file closes.
 fn serial_lock() -> File {
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
-        .open("/tmp/hf-e2e.lock")
-        .expect("open /tmp/hf-e2e.lock");
+        .open(SERIAL_LOCK)
+        .unwrap_or_else(|e| panic!("open {SERIAL_LOCK}: {e}"));
     rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).expect("flock");
     file
 }

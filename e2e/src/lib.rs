@@ -13,6 +13,7 @@
 //! Modules:
 //! - [`cluster`]: [`Cluster`], [`cluster::LeaseTiming`], the fault controls;
 //! - [`csi`]: the CO's requests ([`Cluster::create_volume`], [`Cluster::publish`], …);
+//! - [`demo`]: the failover story `scripts/demo.sh` tells (the `holdfast-demo` binary);
 //! - [`netns`]: namespaces, veth links, partition / heal, stale cleanup;
 //! - [`process`]: a CSI daemon process with kill / pause / resume / restart;
 //! - [`writer`] and the `hf-e2e-writer` binary: the workload; [`records`]: its format;
@@ -34,6 +35,7 @@ pub mod bins;
 pub mod checker;
 pub mod cluster;
 pub mod csi;
+pub mod demo;
 pub mod mounts;
 pub mod netns;
 pub mod process;
