@@ -202,6 +202,7 @@ mod tests {
                 node: "n1".into(),
                 pod_uid: "uid".into(),
                 instance: "i".into(),
+                pod: None,
             },
             epoch: 1,
             unrenewed_for: std::time::Duration::ZERO,

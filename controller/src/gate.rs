@@ -204,6 +204,7 @@ mod tests {
             node: "n1".into(),
             pod_uid: "uid-a".into(),
             instance: "i1".into(),
+            pod: None,
         }
     }
 
@@ -302,6 +303,7 @@ mod tests {
                 node: "n1".into(),
                 pod_uid: "0b5c-uid".into(),
                 instance: "i1".into(),
+                pod: None,
             },
             epoch: 4,
             unrenewed_for: Duration::from_millis(2500),
