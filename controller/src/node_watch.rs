@@ -53,7 +53,8 @@ pub struct NodeWatch {
     /// How often to look again for a new session of an untainted, still fenced node.
     recheck: Duration,
     /// Tainted nodes whose fence this process completed (claims included), so that a
-    /// Node's heartbeats do not list every claim again. Cleared when the taint goes.
+    /// Node's heartbeats do not list every claim again. Cleared when the taint or the
+    /// fence goes.
     completed: Mutex<HashSet<String>>,
     /// Untainted nodes whose fence is kept for want of a new session, so that why is
     /// said once at info level, not at every recheck.
@@ -117,21 +118,19 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<NodeWatch>) -> Result<Action, NodeW
     }
     let name = node.name_any();
     let tainted = is_tainted(&node);
-    let completed = ctx
-        .completed
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .contains(&name);
-    if tainted && completed {
-        return Ok(Action::await_change());
-    }
-    if !tainted {
-        ctx.completed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&name);
-    }
     let fence = ctx.store.get_fence(&name).await?;
+    {
+        let mut completed = ctx.completed.lock().unwrap_or_else(|p| p.into_inner());
+        // Still tainted and still fenced: done already (a Node's heartbeats land here).
+        // A fence lifted by an admin while the taint stays is made again, as after a
+        // restart: the taint still says the node is out of service.
+        if tainted && fence.is_some() && completed.contains(&name) {
+            return Ok(Action::await_change());
+        }
+        if !tainted || fence.is_none() {
+            completed.remove(&name);
+        }
+    }
     if !tainted && fence.is_none() {
         return Ok(Action::await_change());
     }
