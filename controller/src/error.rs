@@ -37,6 +37,17 @@ pub enum ControllerError {
     #[error(transparent)]
     AttachRefused(Box<AttachRefused>),
 
+    /// DeleteVolume of a volume whose claim a pod may still be using.
+    #[error(
+        "cannot delete the volume yet: {0} DeleteVolume succeeds once the claim is \
+         released, its lease expires or its node is fenced"
+    )]
+    DeleteHeld(Box<AttachRefused>),
+
+    /// The claim record changed between reading and deleting it.
+    #[error("the claim {key} changed while the volume was being deleted; retry")]
+    ClaimChanged { key: String },
+
     /// The attach gate could not read (or trust) the lease store.
     #[error("attach gate: {0}")]
     Lease(#[from] LeaseError),
@@ -60,7 +71,10 @@ impl ControllerError {
             ControllerError::InvalidToken { .. } => Code::Aborted,
             ControllerError::Internal(_) => Code::Internal,
             ControllerError::Backend(e) => backend_code(e),
-            ControllerError::AttachRefused(_) => Code::FailedPrecondition,
+            ControllerError::AttachRefused(_) | ControllerError::DeleteHeld(_) => {
+                Code::FailedPrecondition
+            }
+            ControllerError::ClaimChanged { .. } => Code::Aborted,
             ControllerError::Lease(LeaseError::Store(StoreError::Unavailable(_))) => {
                 Code::Unavailable
             }

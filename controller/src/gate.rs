@@ -31,11 +31,11 @@ use crate::ControllerError;
 /// The message is what the attacher writes into the VolumeAttachment's status.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "volume {volume} is held by pod UID {pod_uid} on node {node} (claim epoch {epoch}); the \
+    "volume {volume} is held by pod {pod} on node {node} (claim epoch {epoch}); the \
      attach waits until that pod's node releases it, its lease expires, or node {node} is \
      fenced. {timing} If node {node} is down, an admin can fence it now: \
      `holdfast-controller fence --node {node}`",
-    pod_uid = holder.pod_uid,
+    pod = holder.pod_words(),
     node = holder.node,
     timing = timing(&holder.node, *unrenewed_for, *expires_in),
 )]
@@ -172,6 +172,40 @@ impl AttachGate {
                 stored,
             }
             .into()),
+        }
+    }
+
+    /// Deletes the claim record of a volume being deleted, so that the store does not
+    /// keep one record per volume ever created. A claim still held is deleted only when
+    /// any other node could take it now (released, fenced, or its holder's lease
+    /// expired by the acquire rule, asked exactly as for an attach); while its holder may
+    /// still be writing, DeleteVolume is refused and the provisioner retries. The delete
+    /// names the version read, so a claim taken meanwhile is not removed.
+    pub async fn forget(&self, volume_id: &str) -> Result<(), ControllerError> {
+        let stored = self
+            .store
+            .get_claim(volume_id)
+            .await
+            .map_err(LeaseError::from)?;
+        let Some(stored) = stored else {
+            return Ok(());
+        };
+        if stored.value.state == ClaimState::Held {
+            // No node is named "": the question is whether anybody else may take it.
+            match self.decide(volume_id, "").await {
+                Ok(_) => {}
+                Err(ControllerError::AttachRefused(refused)) => {
+                    return Err(ControllerError::DeleteHeld(refused))
+                }
+                // Never delete what could not be read.
+                Err(e) => return Err(e),
+            }
+        }
+        match self.store.delete_claim(volume_id, &stored.version).await {
+            Ok(()) => Ok(()),
+            // Taken or released meanwhile: the provisioner's retry reads it again.
+            Err(StoreError::Conflict { key }) => Err(ControllerError::ClaimChanged { key }),
+            Err(e) => Err(LeaseError::from(e).into()),
         }
     }
 }
@@ -311,7 +345,7 @@ mod tests {
         };
         let message = refused.to_string();
         for needle in [
-            "volume hf-1 is held by pod UID 0b5c-uid on node n1 (claim epoch 4)",
+            "volume hf-1 is held by pod 0b5c-uid on node n1 (claim epoch 4)",
             "watched node n1's session for 2.5s without seeing it renewed",
             "its lease can expire in 15.6s",
             "`holdfast-controller fence --node n1`",

@@ -131,6 +131,11 @@ impl ControllerService {
         let Ok(id) = convert::volume_id(&req.volume_id)? else {
             return Ok(DeleteVolumeResponse {});
         };
+        // The claim first: if deleting the directory fails, the retry finds no claim and
+        // deletes the directory; the other order could leave a claim behind for good.
+        if let Some(gate) = &self.gate {
+            gate.forget(id.as_str()).await?;
+        }
         let existed = self.blocking(move |b| b.delete_volume(&id)).await?;
         if existed {
             tracing::info!(volume_id = %req.volume_id, "volume deleted");

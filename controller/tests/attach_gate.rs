@@ -321,3 +321,66 @@ async fn an_unreachable_store_refuses_with_unavailable() {
     let status = attach(&mut c, &volume, "n2").await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
+
+/// DeleteVolume deletes the volume's claim record with it, so the store does not keep
+/// one record per volume ever created; but never while the claim's holder may still be
+/// writing (the same question as an attach elsewhere), and never on a store it cannot
+/// read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_volume_deletes_the_claim_but_not_while_its_holder_lives() {
+    let cluster = Cluster::start().await;
+    let controller = cluster.controller().await;
+    let mut c = controller.controller().await;
+    let held = create(&mut c, "pvc-held", &[]).await;
+    let released = create(&mut c, "pvc-released", &[]).await;
+    let n1 = cluster.session("n1").await;
+    n1.acquire(&held, "pod-a-uid", None).await.unwrap();
+    let grant = n1.acquire(&released, "pod-b-uid", None).await.unwrap();
+    n1.release(&released, grant.epoch).await.unwrap();
+
+    let delete = |id: &str| DeleteVolumeRequest {
+        volume_id: id.to_string(),
+        secrets: Default::default(),
+    };
+    let refused = c.delete_volume(delete(&held)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("pod-a-uid"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        cluster.store.get_claim(&held).await.unwrap().is_some(),
+        "a live holder's claim was deleted"
+    );
+    assert!(
+        cluster.dir.path().join("root/volumes").join(&held).exists(),
+        "a refused delete removed the volume's directory"
+    );
+
+    c.delete_volume(delete(&released)).await.unwrap();
+    assert!(cluster.store.get_claim(&released).await.unwrap().is_none());
+    // Idempotent: the volume and its claim are gone; deleting again is fine.
+    c.delete_volume(delete(&released)).await.unwrap();
+
+    // Once its node is fenced the held claim may go too.
+    cluster.fence("n1").await;
+    c.delete_volume(delete(&held)).await.unwrap();
+    assert!(cluster.store.get_claim(&held).await.unwrap().is_none());
+
+    // A store that cannot be read deletes nothing.
+    let other = create(&mut c, "pvc-outage", &[]).await;
+    let n2 = cluster.session("n2").await;
+    n2.acquire(&other, "pod-c-uid", None).await.unwrap();
+    drop(n2);
+    cluster.etcd.pause();
+    let err = c.delete_volume(delete(&other)).await.unwrap_err();
+    cluster.etcd.resume();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(cluster
+        .dir
+        .path()
+        .join("root/volumes")
+        .join(&other)
+        .exists());
+}
