@@ -81,7 +81,7 @@ pub async fn open_store(
 pub async fn fence(store: &dyn LeaseStore, args: &FenceArgs) -> Result<FenceOutcome, RunError> {
     // Only the taint's own fences may be lifted by the taint's removal: an admin's
     // fence must never be mistaken for one.
-    if crate::taint_fence::imitates_taint_cause(&args.reason) {
+    if crate::kubernetes::taint_fence::imitates_taint_cause(&args.reason) {
         return Err(RunError::ReservedReason {
             reason: args.reason.clone(),
         });

@@ -12,7 +12,7 @@ use holdfast_core::lease_config::{
 };
 use holdfast_core::logging::LogFormat;
 
-use crate::leader::{default_identity, LeaderConfig, LeaderConfigError};
+use crate::kubernetes::leader::{default_identity, LeaderConfig, LeaderConfigError};
 
 /// holdfast controller: serves the CSI Identity and Controller services on a unix
 /// socket (the default, or `serve`), and fences nodes and lists volume claims in the
@@ -134,7 +134,7 @@ pub struct LeaderArgs {
     pub leader_elect_namespace: Option<String>,
 
     /// Name of the leader Lease.
-    #[arg(long, env = "HOLDFAST_LEADER_ELECT_LEASE", default_value = crate::leader::DEFAULT_LEASE_NAME)]
+    #[arg(long, env = "HOLDFAST_LEADER_ELECT_LEASE", default_value = crate::kubernetes::leader::DEFAULT_LEASE_NAME)]
     pub leader_elect_lease: String,
 
     /// This replica's holder identity. Default: $POD_NAME or the host name, with a

@@ -17,7 +17,7 @@ use holdfast_core::lease::LeaseError;
 use holdfast_core::store::StoreError;
 use tonic::{Code, Status};
 
-use crate::gate::AttachRefused;
+use crate::csi::gate::AttachRefused;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {

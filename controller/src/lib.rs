@@ -1,15 +1,16 @@
 //! holdfast's CSI controller.
 //!
-//! - [`args`]: the command line (serve by default; `fence`, `unfence`, `claims`).
-//! - [`admin`]: the admin verbs against the lease store, and their output.
-//! - [`controller_service`] / [`ControllerService`]: the CSI Controller service over
-//!   the directory [`Backend`] (also served by the node plugin's standalone mode).
-//! - [`gate`]: the attach gate — ControllerPublishVolume asks the node plugins' own
-//!   acquire decision whether another node's pod still holds the volume.
+//! - [`csi`]: the CSI boundary. [`csi::service`] is the Controller service over the
+//!   directory [`Backend`] (also served by the node plugin's standalone mode);
+//!   [`csi::gate`] is the attach gate — ControllerPublishVolume asks the node plugins'
+//!   own acquire decision whether another node's pod still holds the volume.
+//! - [`kubernetes`]: Kubernetes itself. [`kubernetes::leader`] is leader election on a Lease (only
+//!   the leader acts); [`kubernetes::node_watch`] / [`kubernetes::taint_fence`] are the Node watch
+//!   that fences a node for its out-of-service taint, and the rules for when that fence
+//!   is lifted.
+//! - [`args`]: the command line (serve by default; `fence`, `unfence`, `claims`);
+//!   [`admin`]: the admin verbs against the lease store, and their output.
 //! - [`ControllerError`]: the crate's errors and their one mapping to gRPC codes.
-//! - [`leader`]: leader election on a Lease; only the leader acts.
-//! - [`node_watch`] / [`taint_fence`]: the Node watch that fences a node for its
-//!   out-of-service taint, and the rules for when that fence is lifted.
 //! - [`metrics`]: the Prometheus series and the `/metrics` endpoint;
 //!   `timed_store` times every lease store call for them.
 //! - [`run`]: what the binary does — serve Identity + Controller until SIGTERM, or
@@ -17,14 +18,10 @@
 
 pub mod admin;
 pub mod args;
-mod convert;
+pub mod csi;
 mod error;
-pub mod gate;
-pub mod leader;
+pub mod kubernetes;
 pub mod metrics;
-pub mod node_watch;
-mod service;
-pub mod taint_fence;
 mod timed_store;
 
 use std::sync::Arc;
@@ -38,14 +35,14 @@ use holdfast_core::logging::{self, LogFormat, LoggingError};
 use holdfast_core::store::{self, StoreConfig, StoreError};
 
 use crate::args::{Command, ServeArgs};
-use crate::gate::AttachGate;
-use crate::leader::{Elector, LeaderConfigError, Leadership};
-use crate::node_watch::NodeWatch;
+use crate::csi::gate::AttachGate;
+use crate::kubernetes::leader::{Elector, LeaderConfigError, Leadership};
+use crate::kubernetes::node_watch::NodeWatch;
 use crate::timed_store::TimedStore;
 use tokio::sync::watch;
 
+pub use csi::service::{controller_service, ControllerService};
 pub use error::ControllerError;
-pub use service::{controller_service, ControllerService};
 
 /// Why the controller could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! Fencing by the `node.kubernetes.io/out-of-service` taint: what to do for one Node,
 //! given its taints and its fence record. The watch that calls this is
-//! [`crate::node_watch`]; the fence itself is the same call as
+//! [`crate::kubernetes::node_watch`]; the fence itself is the same call as
 //! `holdfast-controller fence` ([`crate::admin::fence_node`]).
 //!
 //! - A tainted node without a fence is fenced at once, with a reason that records the

@@ -1,6 +1,6 @@
 //! The CSI Controller service over the directory [`Backend`].
 //!
-//! Each RPC validates its request (via [`crate::convert`]), runs the backend operation
+//! Each RPC validates its request (via [`crate::csi::convert`]), runs the backend operation
 //! on a blocking thread (it does fsync'd file I/O), and turns errors into statuses
 //! through [`ControllerError`] only. Concurrent calls on one volume — two identical
 //! CreateVolumes racing, a publish during a delete — are serialised by the backend's
@@ -23,8 +23,8 @@ use holdfast_core::csi::v1::controller_service_capability::{self, rpc};
 use holdfast_core::csi::v1::*;
 use tonic::{Request, Response, Status};
 
-use crate::convert;
-use crate::gate::AttachGate;
+use crate::csi::convert;
+use crate::csi::gate::AttachGate;
 use crate::ControllerError;
 
 /// The Controller service. Cheap to clone.

@@ -1,7 +1,7 @@
 //! The Node watch: a kube-runtime controller (watcher → reflector → reconcile per
 //! Node) that turns the `node.kubernetes.io/out-of-service` taint into a node fence and
 //! lifts that fence once the taint is gone and the node's plugin has started a new
-//! session ([`crate::taint_fence`] decides; [`crate::admin::fence_with_reason`] fences).
+//! session ([`crate::kubernetes::taint_fence`] decides; [`crate::admin::fence_with_reason`] fences).
 //!
 //! Every replica runs the watch, so its cache is warm, but only the leader acts: each
 //! reconcile asks [`Leadership::is_leading`] right before it writes, and a follower
@@ -22,9 +22,11 @@ use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 
 use crate::admin::fence_with_reason;
-use crate::leader::Leadership;
+use crate::kubernetes::leader::Leadership;
+use crate::kubernetes::taint_fence::{
+    self, FenceCause, Step, OUT_OF_SERVICE_TAINT, TAINT_CAUSE_LABEL,
+};
 use crate::metrics;
-use crate::taint_fence::{self, FenceCause, Step, OUT_OF_SERVICE_TAINT, TAINT_CAUSE_LABEL};
 use crate::RunError;
 
 /// Why one Node's reconcile failed (it is retried).
