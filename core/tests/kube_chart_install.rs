@@ -7,6 +7,11 @@
 //! external-provisioner provisions the PVC, the writer's volume is served through FUSE,
 //! and its writes land in the backing directory.
 
+#[path = "chart_install/lock.rs"]
+mod lock;
+#[path = "chart_install/other_node.rs"]
+mod other_node;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -394,6 +399,27 @@ async fn examples_write_through_fuse_into_the_backend(
         "the volume's FUSE mount on the host: {fuse:#?}"
     );
 
+    let kubectl = lock::Kubectl {
+        bin: kubectl.to_path_buf(),
+        kubeconfig: plane.kubeconfig(&Identity::Admin),
+    };
+    lock::lock_through_kubernetes(&kubectl, client.clone(), node, &log).await;
+    lock::killed_plugin_pod(&kubectl, client.clone(), &log).await;
+    let moved = other_node::moved_to_another_node(
+        &kubectl,
+        client.clone(),
+        node,
+        &other_node::controller_binary(),
+        backend,
+        &log,
+    )
+    .await;
+    println!(
+        "db-0 moved to a node of its own while the old one was a zombie: attach refused \
+         ({}); attached {:?} after `holdfast-controller fence`",
+        moved.refused_message, moved.granted_after_fence
+    );
+
     let statefulsets: kube::Api<StatefulSet> = kube::Api::namespaced(client.clone(), "default");
     statefulsets
         .delete("db", &Default::default())
@@ -415,6 +441,21 @@ async fn examples_write_through_fuse_into_the_backend(
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // DeleteVolume deleted the volume's claim record too: no claim Lease is left.
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), NAMESPACE);
+    let claims: Vec<String> = leases
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|l| l.metadata.name)
+        .filter(|n| n.starts_with("holdfast-claim-"))
+        .collect();
+    assert!(
+        claims.is_empty(),
+        "claim records left after DeleteVolume: {claims:?}"
+    );
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let left: Vec<&str> = mountinfo
         .lines()

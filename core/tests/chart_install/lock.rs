@@ -46,11 +46,7 @@ impl Kubectl {
     /// Runs and prints the command and its output for the README.
     pub fn show(&self, args: &[&str]) -> String {
         let text = self.run(args);
-        println!(
-            "--- kubectl {} ---\n{}--- end ---",
-            args.join(" "),
-            text
-        );
+        println!("--- kubectl {} ---\n{}--- end ---", args.join(" "), text);
         text
     }
 }
@@ -182,7 +178,9 @@ pub async fn lock_through_kubernetes(
     kubectl.run(&["scale", "statefulset", "db", "--replicas=1"]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = lines(log).len();
-    pods.delete("reader", &DeleteParams::default()).await.unwrap();
+    pods.delete("reader", &DeleteParams::default())
+        .await
+        .unwrap();
     let back = first_line_by(log, before, "db-0", Duration::from_secs(60)).await;
     println!("pod reader deleted -> first write of the new db-0 after {back:?}");
     assert!(back < Duration::from_secs(20), "hand-back took {back:?}");
@@ -202,7 +200,10 @@ fn assert_single_writer(log: &Path, from: usize) {
             changes += 1;
         }
     }
-    assert!(changes <= 1, "writers interleave after line {from}: {hosts:?}");
+    assert!(
+        changes <= 1,
+        "writers interleave after line {from}: {hosts:?}"
+    );
 }
 
 /// Kills the node plugin's pod: the writer's FUSE mount dies with it (ENOTCONN), and the
@@ -223,15 +224,43 @@ pub async fn killed_plugin_pod(kubectl: &Kubectl, client: kube::Client, log: &Pa
     let before = lines(log).len();
     let killed = Instant::now();
     kubectl.run(&[
-        "delete", "pod", "-n", "holdfast", &plugin, "--grace-period=0", "--force",
+        "delete",
+        "pod",
+        "-n",
+        "holdfast",
+        &plugin,
+        "--grace-period=0",
+        "--force",
     ]);
     // The writer's errors, from its container log on the node, until its pod is gone.
     let logs_glob = format!("/var/log/pods/default_db-0_{old}");
     let deadline = killed + Duration::from_secs(120);
     let mut enotconn = None;
+    let (mut plugin_back, mut old_gone) = (None, None);
     let restarted = loop {
         if enotconn.is_none() && container_logs(Path::new(&logs_glob)).contains("not connected") {
             enotconn = Some(killed.elapsed());
+        }
+        if plugin_back.is_none() {
+            let ready = plugin_pods
+                .list(&ListParams::default().labels("app.kubernetes.io/component=node"))
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .any(|p| {
+                    p.metadata.name.as_deref() != Some(plugin.as_str())
+                        && p.status
+                            .as_ref()
+                            .and_then(|s| s.container_statuses.as_ref())
+                            .is_some_and(|c| c.iter().all(|c| c.ready))
+                });
+            if ready {
+                plugin_back = Some(killed.elapsed());
+            }
+        }
+        if old_gone.is_none() && pod_uid(&pods, "db-0").await.as_deref() != Some(old.as_str()) {
+            old_gone = Some(killed.elapsed());
         }
         if let Some(uid) = pod_uid(&pods, "db-0").await {
             if uid != old && lines(log).len() > before {
@@ -249,7 +278,9 @@ pub async fn killed_plugin_pod(kubectl: &Kubectl, client: kube::Client, log: &Pa
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     println!(
-        "node plugin pod killed -> writer ENOTCONN after {enotconn:?}, db-0 restarted and writing after {restarted:?}"
+        "node plugin pod killed -> writer ENOTCONN after {enotconn:?}; new plugin pod Ready \
+         after {plugin_back:?}; old db-0 gone after {old_gone:?}; new db-0 writing after \
+         {restarted:?}"
     );
     assert!(
         enotconn.is_some(),

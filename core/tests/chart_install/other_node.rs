@@ -5,10 +5,12 @@
 //! node; holdfast's attach gate is what refuses, until the old node is fenced.
 //!
 //! The other node is a Node object whose heartbeats this file drives (status and its
-//! `kube-node-lease` Lease), with a CSINode naming the driver: the scheduler places the
-//! pod there and the attach/detach controller and the real external-attacher act on it.
-//! No kubelet runs there, so the pod never starts: this covers the attach path, not a
-//! mount on the second node (the e2e suite covers takeovers by real node plugins).
+//! `kube-node-lease` Lease), with a CSINode naming the driver, served by a real node
+//! plugin process (`holdfast-driver` on the host, the same lease store and backend as the
+//! chart's): the scheduler places the pod there, and the attach/detach controller and
+//! the real external-attacher act on it. No kubelet runs there, so the test plays the
+//! kubelet's part after the attach: NodePublishVolume for the moved pod, and a write
+//! through the FUSE mount it gets. Not covered: containerd running the pod there.
 //!
 //! Kubernetes v1.20 keeps a ReadWriteOnce volume attached to an unreachable node for 6
 //! minutes before it force-detaches (1.24+ does it at once for a node with the
@@ -16,7 +18,7 @@
 //! old node's reported `volumesInUse`, which is what the attach/detach controller reads.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use holdfast_core::testkit::kube::KubeletNode;
@@ -43,7 +45,10 @@ impl HeartbeatNode {
                 "name": name,
                 "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"},
                 "annotations": {
-                    "csi.volume.kubernetes.io/nodeid": format!("{{\"{driver}\":\"{name}\"}}")
+                    "csi.volume.kubernetes.io/nodeid": format!("{{\"{driver}\":\"{name}\"}}"),
+                    // What a kubelet sets at registration: without it the attach/detach
+                    // controller leaves the node's volumes to the kubelet.
+                    "volumes.kubernetes.io/controller-managed-attach-detach": "true"
                 }
             }
         }))
@@ -55,7 +60,10 @@ impl HeartbeatNode {
             "spec": {"drivers": [{"name": driver, "nodeID": name}]}
         }))
         .unwrap();
-        csinodes.create(&PostParams::default(), &csinode).await.unwrap();
+        csinodes
+            .create(&PostParams::default(), &csinode)
+            .await
+            .unwrap();
         beat(&client, name).await;
         let beats = {
             let (client, name) = (client.clone(), name.to_string());
@@ -79,6 +87,66 @@ impl HeartbeatNode {
         let _ = nodes.delete(&self.name, &DeleteParams::default()).await;
         let csinodes: kube::Api<CSINode> = kube::Api::all(self.client.clone());
         let _ = csinodes.delete(&self.name, &DeleteParams::default()).await;
+    }
+}
+
+/// The other node's node plugin: the real binary on the host, as the chart runs it.
+pub struct OtherPlugin {
+    child: Child,
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl OtherPlugin {
+    pub async fn start(node: &str, backend: &Path, kubeconfig: &Path) -> OtherPlugin {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("csi.sock");
+        let bin = controller_binary().with_file_name("holdfast-driver");
+        let log = std::fs::File::create(dir.path().join("driver.log")).unwrap();
+        let child = Command::new(bin)
+            .arg(format!("--endpoint=unix://{}", socket.display()))
+            .arg(format!("--node-id={node}"))
+            .arg(format!("--backend-root={}", backend.display()))
+            .arg(format!(
+                "--state-dir={}",
+                dir.path().join("state").display()
+            ))
+            .args([
+                "--lease-store",
+                "kubernetes",
+                "--lease-namespace",
+                "holdfast",
+            ])
+            .args(["--log-format", "text"])
+            .env("KUBECONFIG", kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting holdfast-driver");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "no socket: {}",
+                std::fs::read_to_string(dir.path().join("driver.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        OtherPlugin { child, socket, dir }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("driver.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for OtherPlugin {
+    fn drop(&mut self) {
+        // SIGTERM: the plugin stops gracefully (its session lease is deleted).
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
     }
 }
 
@@ -118,7 +186,10 @@ async fn beat(client: &kube::Client, name: &str) {
 }
 
 fn lines(log: &Path) -> usize {
-    std::fs::read_to_string(log).unwrap_or_default().lines().count()
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .count()
 }
 
 /// The figures of the scenario, for the caller to print.
@@ -132,10 +203,12 @@ pub async fn moved_to_another_node(
     client: kube::Client,
     node: &KubeletNode,
     controller_bin: &Path,
+    backend: &Path,
     log: &Path,
 ) -> Moved {
     let driver = "holdfast.csi.dev";
     let other = HeartbeatNode::start(client.clone(), "holdfast-other", driver).await;
+    let plugin = OtherPlugin::start(&other.name, backend, &kubectl.kubeconfig).await;
     let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), "default");
     let vas: kube::Api<VolumeAttachment> = kube::Api::all(client.clone());
     let nodes: kube::Api<Node> = kube::Api::all(client.clone());
@@ -169,7 +242,11 @@ pub async fn moved_to_another_node(
     // As the attach/detach controller believes after its 6-minute wait on v1.20.
     let unmounted = json!({"status": {"volumesInUse": []}});
     nodes
-        .patch_status(node.name(), &PatchParams::default(), &Patch::Merge(&unmounted))
+        .patch_status(
+            node.name(),
+            &PatchParams::default(),
+            &Patch::Merge(&unmounted),
+        )
         .await
         .unwrap();
 
@@ -181,7 +258,10 @@ pub async fn moved_to_another_node(
             .unwrap()
             .items
             .into_iter()
-            .find(|va| va.spec.node_name == other.name && va.spec.source.persistent_volume_name.as_deref() == Some(&pv));
+            .find(|va| {
+                va.spec.node_name == other.name
+                    && va.spec.source.persistent_volume_name.as_deref() == Some(&pv)
+            });
         let error = va
             .and_then(|va| va.status)
             .and_then(|s| s.attach_error)
@@ -189,19 +269,28 @@ pub async fn moved_to_another_node(
         if let Some(message) = error.filter(|m| m.contains("is held by pod")) {
             break message;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no refused VolumeAttachment for {} within 120 s",
-            other.name
-        );
+        if Instant::now() > deadline {
+            panic!(
+                "no refused VolumeAttachment for {} within 120 s\n{}\n{}",
+                other.name,
+                plugin.log(),
+                kubectl.run(&["get", "volumeattachments,nodes,pods", "-A", "-o", "wide"])
+                    + &kubectl.run(&["describe", "pod", "db-0"])
+                    + &kubectl.run(&["describe", "volumeattachments"])
+            );
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert!(refused.contains("default/db-0"), "{refused}");
     assert!(refused.contains(node.name()), "{refused}");
-    assert!(
-        lines(log) > growing_from,
-        "the zombie's writer should still be writing while refused"
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lines(log) <= growing_from {
+        assert!(
+            Instant::now() < deadline,
+            "the zombie's writer should still be writing while refused"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     kubectl.show(&["describe", "volumeattachment"]);
     let events: kube::Api<Event> = kube::Api::namespaced(client.clone(), "default");
     let new_pod = pods.get("db-0").await.unwrap();
@@ -243,20 +332,53 @@ pub async fn moved_to_another_node(
             .unwrap()
             .items
             .into_iter()
-            .any(|va| {
-                va.spec.node_name == other.name
-                    && va.status.is_some_and(|s| s.attached)
-            });
+            .any(|va| va.spec.node_name == other.name && va.status.is_some_and(|s| s.attached));
         if attached {
             break fenced.elapsed();
         }
-        assert!(Instant::now() < deadline, "not attached within 180 s of the fence");
+        if Instant::now() > deadline {
+            panic!(
+                "not attached within 180 s of the fence\n{}\n{}",
+                kubectl.run(&["describe", "volumeattachments"]),
+                plugin.log()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = lines(log);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(lines(log), after, "the fenced zombie's writer still lands writes");
+    assert_eq!(
+        lines(log),
+        after,
+        "the fenced zombie's writer still lands writes"
+    );
+
+    // The kubelet's part on the other node: mount for the moved pod, and write.
+    let moved = pods.get("db-0").await.unwrap();
+    let target = plugin.dir.path().join("pods/db-0/mount");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    node_publish(
+        &plugin.socket,
+        &pv_object(&client, &pv).await,
+        &moved,
+        &target,
+    )
+    .await;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(target.join("log"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"0 db-0-on-holdfast-other moved\n"))
+        .expect("the moved pod writes through its FUSE mount");
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.contains("db-0-on-holdfast-other")),
+        "the moved pod's write is the last line: {:?}",
+        text.lines().rev().take(3).collect::<Vec<_>>()
+    );
+    unpublish(&plugin.socket, &pv_object(&client, &pv).await, &target).await;
 
     // Back to one healthy node: the moved pod goes, the old node wakes and is unfenced.
     pods.delete("db-0", &DeleteParams::default().grace_period(0))
@@ -272,10 +394,88 @@ pub async fn moved_to_another_node(
     }
 }
 
+async fn pv_object(
+    client: &kube::Client,
+    name: &str,
+) -> k8s_openapi::api::core::v1::PersistentVolume {
+    kube::Api::all(client.clone()).get(name).await.unwrap()
+}
+
+/// NodePublishVolume as kubelet sends it for `pod` (podInfoOnMount).
+async fn node_publish(
+    socket: &Path,
+    pv: &k8s_openapi::api::core::v1::PersistentVolume,
+    pod: &Pod,
+    target: &Path,
+) {
+    use holdfast_core::csi::v1::{
+        node_client::NodeClient, volume_capability, NodePublishVolumeRequest, VolumeCapability,
+    };
+    let csi = pv.spec.as_ref().unwrap().csi.as_ref().unwrap();
+    let mut context = csi.volume_attributes.clone().unwrap_or_default();
+    context.extend([
+        (
+            "csi.storage.k8s.io/pod.uid".to_string(),
+            pod.metadata.uid.clone().unwrap(),
+        ),
+        (
+            "csi.storage.k8s.io/pod.name".to_string(),
+            "db-0".to_string(),
+        ),
+        (
+            "csi.storage.k8s.io/pod.namespace".to_string(),
+            "default".to_string(),
+        ),
+    ]);
+    let channel = holdfast_core::csi::serve::connect_unix(socket)
+        .await
+        .unwrap();
+    let request = NodePublishVolumeRequest {
+        volume_id: csi.volume_handle.clone(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(VolumeCapability {
+            access_type: Some(volume_capability::AccessType::Mount(Default::default())),
+            access_mode: Some(volume_capability::AccessMode {
+                mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }),
+        volume_context: context.into_iter().collect(),
+        ..Default::default()
+    };
+    NodeClient::new(channel)
+        .node_publish_volume(request)
+        .await
+        .expect("NodePublishVolume on the other node after the fence");
+}
+
+async fn unpublish(
+    socket: &Path,
+    pv: &k8s_openapi::api::core::v1::PersistentVolume,
+    target: &Path,
+) {
+    use holdfast_core::csi::v1::{node_client::NodeClient, NodeUnpublishVolumeRequest};
+    let csi = pv.spec.as_ref().unwrap().csi.as_ref().unwrap();
+    let channel = holdfast_core::csi::serve::connect_unix(socket)
+        .await
+        .unwrap();
+    NodeClient::new(channel)
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: csi.volume_handle.clone(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .expect("NodeUnpublishVolume on the other node");
+}
+
 fn controller_cli(bin: &Path, kubectl: &Kubectl, args: &[&str]) -> String {
     let out = Command::new(bin)
         .args(args)
-        .args(["--lease-store", "kubernetes", "--lease-namespace", "holdfast"])
+        .args([
+            "--lease-store",
+            "kubernetes",
+            "--lease-namespace",
+            "holdfast",
+        ])
         .env("KUBECONFIG", &kubectl.kubeconfig)
         .output()
         .expect("running holdfast-controller");
@@ -291,5 +491,9 @@ fn controller_cli(bin: &Path, kubectl: &Kubectl, args: &[&str]) -> String {
 
 pub fn controller_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("holdfast-controller")
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("holdfast-controller")
 }
