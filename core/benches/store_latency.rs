@@ -46,6 +46,7 @@ fn claim(epoch: u64) -> ClaimRecord {
         },
         state: ClaimState::Held,
         epoch,
+        expired: None,
     }
 }
 

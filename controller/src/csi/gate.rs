@@ -248,6 +248,7 @@ mod tests {
             holder: holder(),
             state: ClaimState::Held,
             epoch,
+            expired: None,
         }
     }
 

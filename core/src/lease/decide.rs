@@ -179,6 +179,9 @@ pub fn decide_acquire(input: &AcquireInput<'_>, params: &LeaseParams) -> Acquire
             holder: me.clone(),
             state: ClaimState::Held,
             epoch,
+            // A new holder starts clean: the previous holder's expired mark was about
+            // the previous holder.
+            expired: None,
         },
         reason,
     };

@@ -21,6 +21,7 @@ fn claim(h: Holder, state: ClaimState, epoch: Epoch) -> ClaimRecord {
         holder: h,
         state,
         epoch,
+        expired: None,
     }
 }
 

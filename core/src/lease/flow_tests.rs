@@ -32,6 +32,7 @@ fn held_by_other() -> Versioned<ClaimRecord> {
             holder: other(),
             state: ClaimState::Held,
             epoch: 4,
+            expired: None,
         },
         version: Version("c1".into()),
     }

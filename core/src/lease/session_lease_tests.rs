@@ -260,6 +260,7 @@ async fn leave_predecessor(env: &Env, instance: &str, boot: &str, machine: &str)
         holder,
         state: ClaimState::Held,
         epoch: 4,
+        expired: None,
     };
     env.store.put_claim(&claim, None).await.unwrap();
 }

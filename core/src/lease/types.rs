@@ -115,6 +115,27 @@ pub struct ClaimRecord {
     pub holder: Holder,
     pub state: ClaimState,
     pub epoch: Epoch,
+    /// Set by the controller when it judged the holder's session expired (unrenewed for
+    /// `D·(1+ε)+margin` on its own clock), so that status and events can say when the
+    /// holder self-fenced. For people only: no decision reads it, and it frees nothing —
+    /// the claim is taken exactly as it would be without it. Records written without it
+    /// still read, and a reader that predates it ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired: Option<ExpiredMark>,
+}
+
+/// The controller's note that a held claim's holder session expired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiredMark {
+    /// The controller's wall-clock estimate (Unix ms) of the moment by which the holder
+    /// self-fenced: an estimate for humans, never used for decisions.
+    pub at_unix_ms: u64,
+    /// Who judged it (the controller replica's identity).
+    pub observed_by: String,
+    /// The `renewals` counter of the session record judged expired. A session that
+    /// renews again after all (its record was never deleted, and it reached the store
+    /// again) shows a higher count, and the mark is stale.
+    pub session_renewals: u64,
 }
 
 /// A node fenced by an admin (out-of-service taint) or a fencing agent: every claim its

@@ -209,6 +209,7 @@ mod tests {
             },
             state: ClaimState::Held,
             epoch: 3,
+            expired: None,
         }
     }
 
@@ -287,6 +288,28 @@ mod tests {
         assert!(matches!(listed, Err(StoreError::Malformed { .. })));
         let ok = decode_listed::<ClaimRecord>(&bytes, "/p/claims/other", |k| format!("/p/{k}"));
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn the_expired_mark_round_trips_and_is_absent_when_unset() {
+        use crate::lease::types::ExpiredMark;
+        let plain = claim("v");
+        let text = String::from_utf8(encode(&plain).unwrap()).unwrap();
+        // Unset, the record is byte for byte what a writer without the field wrote.
+        assert!(!text.contains("expired"), "{text}");
+        let mut marked = claim("v");
+        marked.expired = Some(ExpiredMark {
+            at_unix_ms: 1_700_000_000_000,
+            observed_by: "controller-0".into(),
+            session_renewals: 41,
+        });
+        let key = marked.record_key();
+        let back: ClaimRecord = decode(&encode(&marked).unwrap(), &key, "k").unwrap();
+        assert_eq!(back, marked);
+        // A record written before the field existed reads with no mark.
+        let old = br#"{"volume_id":"v","holder":{"node":"n1","pod_uid":"p1","instance":"i1"},"state":"held","epoch":3}"#;
+        let read: ClaimRecord = decode(old, &key, "k").unwrap();
+        assert_eq!(read, plain);
     }
 
     #[test]

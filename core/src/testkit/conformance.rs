@@ -47,6 +47,7 @@ pub fn claim(volume: &str, node: &str, state: ClaimState, epoch: u64) -> ClaimRe
         },
         state,
         epoch,
+        expired: None,
     }
 }
 
