@@ -39,6 +39,8 @@ impl Args {
     }
 }
 
+// Parsed once at start and matched at once: boxing the serve flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// Serve the CSI Identity and Controller services (what the binary does without a
@@ -88,6 +90,18 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_NODE_WATCH_TIMEOUT", default_value = "290s", value_parser = parse_duration)]
     pub node_watch_timeout: Duration,
 
+    /// Publish Events (events.k8s.io/v1) on the pods and PVCs whose attach the gate
+    /// refuses, that take a volume over, or whose volume an out-of-service taint frees;
+    /// watches VolumeAttachments, Pods and PersistentVolumes while leading. Default: on
+    /// with --lease-store=kubernetes or inside a pod.
+    #[arg(long, env = "HOLDFAST_EVENTS", num_args = 0..=1, default_missing_value = "true")]
+    pub events: Option<bool>,
+
+    /// How long each VolumeAttachment, Pod and PersistentVolume watch request lasts
+    /// before the API server ends it and the watch resumes from where it was.
+    #[arg(long, env = "HOLDFAST_EVENTS_WATCH_TIMEOUT", default_value = "290s", value_parser = parse_duration)]
+    pub events_watch_timeout: Duration,
+
     /// Serve Prometheus metrics on http://<address>/metrics: `:9809` (every interface),
     /// `host:port`, or empty / `0` for off.
     #[arg(long, env = "HOLDFAST_METRICS_ADDRESS", default_value = ":9809")]
@@ -115,6 +129,11 @@ impl ServeArgs {
     pub fn watch_nodes(&self) -> bool {
         self.watch_nodes
             .unwrap_or_else(|| self.kubernetes_by_default())
+    }
+
+    /// `--events`, defaulted.
+    pub fn events(&self) -> bool {
+        self.events.unwrap_or_else(|| self.kubernetes_by_default())
     }
 }
 
@@ -331,7 +350,7 @@ mod tests {
         };
         let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
         let kubernetes = serve(&["--backend-root=/b"]);
-        assert!(kubernetes.leader_elect() && kubernetes.watch_nodes());
+        assert!(kubernetes.leader_elect() && kubernetes.watch_nodes() && kubernetes.events());
         let etcd = serve(&["--backend-root=/b", "--lease-store=etcd"]);
         assert_eq!(etcd.leader_elect(), in_pod);
         let on = serve(&["--backend-root=/b", "--lease-store=etcd", "--leader-elect"]);
@@ -340,8 +359,9 @@ mod tests {
             "--backend-root=/b",
             "--leader-elect=false",
             "--watch-nodes=false",
+            "--events=false",
         ]);
-        assert!(!off.leader_elect() && !off.watch_nodes());
+        assert!(!off.leader_elect() && !off.watch_nodes() && !off.events());
         let bad = serve(&["--backend-root=/b", "--leader-elect-renew-deadline=20s"]);
         assert!(matches!(
             bad.leader.config(),

@@ -7,7 +7,9 @@
 //! - [`kubernetes`]: Kubernetes itself. [`kubernetes::leader`] is leader election on a Lease (only
 //!   the leader acts); [`kubernetes::node_watch`] / [`kubernetes::taint_fence`] are the Node watch
 //!   that fences a node for its out-of-service taint, and the rules for when that fence
-//!   is lifted.
+//!   is lifted; [`kubernetes::attach_watch`] / [`kubernetes::events`] publish the Events
+//!   that say why a pod waits for its volume (read from the attach gate's refusal in the
+//!   VolumeAttachment's status, [`kubernetes::refusal`]).
 //! - [`args`]: the command line (serve by default; `fence`, `unfence`, `claims`);
 //!   [`admin`]: the admin verbs against the lease store, and their output.
 //! - [`ControllerError`]: the crate's errors and their one mapping to gRPC codes.
@@ -36,7 +38,9 @@ use holdfast_core::store::{self, StoreConfig, StoreError};
 
 use crate::args::{Command, ServeArgs};
 use crate::csi::gate::AttachGate;
-use crate::kubernetes::leader::{Elector, LeaderConfigError, Leadership};
+use crate::kubernetes::attach_watch::AttachWatch;
+use crate::kubernetes::events::Publisher;
+use crate::kubernetes::leader::{default_identity, Elector, LeaderConfigError, Leadership};
 use crate::kubernetes::node_watch::NodeWatch;
 use crate::timed_store::TimedStore;
 use tokio::sync::watch;
@@ -90,7 +94,7 @@ pub enum RunError {
     },
     #[error(
         "no Kubernetes client configuration (in-cluster or KUBECONFIG), needed for \
-         --leader-elect and --watch-nodes (turn both off outside Kubernetes): {0}"
+         --leader-elect, --watch-nodes and --events (turn them off outside Kubernetes): {0}"
     )]
     Kube(String),
 }
@@ -139,6 +143,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
         metrics::parse_address(&args.metrics_address).map_err(RunError::MetricsAddress)?;
     let leader_elect = args.leader_elect();
     let watch_nodes = args.watch_nodes();
+    let events = args.events();
     let leader_config = if leader_elect {
         Some(args.leader.config()?)
     } else {
@@ -167,7 +172,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
             .map_err(|source| RunError::MetricsBind { address, source })?;
         tasks.push(server);
     }
-    let kube = if leader_elect || watch_nodes {
+    let kube = if leader_elect || watch_nodes || events {
         Some(
             kube::Client::try_default()
                 .await
@@ -176,6 +181,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
     } else {
         None
     };
+    // The Events name this replica as the leader election does.
+    let identity = leader_config
+        .as_ref()
+        .map(|c| c.identity.clone())
+        .unwrap_or_else(default_identity);
     let leadership = match (&kube, leader_config) {
         (Some(client), Some(config)) => {
             tracing::info!(identity = %config.identity, namespace = %config.namespace, lease = %config.name, "leader election on: acting only while leading");
@@ -190,9 +200,26 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
             Leadership::always()
         }
     };
+    // The taint fence tells the Event watch which claims it freed.
+    let (fenced_tx, fenced_rx) = tokio::sync::mpsc::unbounded_channel();
+    if let (Some(client), true) = (&kube, events) {
+        let publisher = Publisher::new(client.clone(), identity, leadership.clone());
+        let attach_watch = AttachWatch::new(
+            client.clone(),
+            store.clone(),
+            leadership.clone(),
+            publisher,
+            args.events_watch_timeout,
+            fenced_rx,
+        );
+        tasks.push(tokio::spawn(attach_watch.run(stop.clone())));
+    }
     if let (Some(client), true) = (&kube, watch_nodes) {
         let recheck = params.renew_interval();
-        let node_watch = NodeWatch::new(store.clone(), leadership, recheck);
+        let mut node_watch = NodeWatch::new(store.clone(), leadership, recheck);
+        if events {
+            node_watch = node_watch.with_fence_events(fenced_tx);
+        }
         let timeout = args.node_watch_timeout;
         tasks.push(tokio::spawn(node_watch.run(
             client.clone(),

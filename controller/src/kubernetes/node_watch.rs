@@ -19,9 +19,10 @@ use k8s_openapi::api::core::v1::Node;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::admin::fence_with_reason;
+use crate::kubernetes::attach_watch::FencedVolumes;
 use crate::kubernetes::leader::Leadership;
 use crate::kubernetes::taint_fence::{
     self, FenceCause, Step, OUT_OF_SERVICE_TAINT, TAINT_CAUSE_LABEL,
@@ -61,6 +62,8 @@ pub struct NodeWatch {
     /// Untainted nodes whose fence is kept for want of a new session, so that why is
     /// said once at info level, not at every recheck.
     waiting: Mutex<HashSet<String>>,
+    /// Where the claims a taint fence freed are told, for their PVCs' Events.
+    fenced: Option<mpsc::UnboundedSender<FencedVolumes>>,
 }
 
 impl NodeWatch {
@@ -71,7 +74,14 @@ impl NodeWatch {
             recheck,
             completed: Mutex::new(HashSet::new()),
             waiting: Mutex::new(HashSet::new()),
+            fenced: None,
         }
+    }
+
+    /// Tells `events` of every claim a taint fence frees (the Events' hook).
+    pub fn with_fence_events(mut self, events: mpsc::UnboundedSender<FencedVolumes>) -> Self {
+        self.fenced = Some(events);
+        self
     }
 
     /// Watches every Node until `stop` turns true; each watch request lasts `timeout`.
@@ -173,6 +183,17 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<NodeWatch>) -> Result<Action, NodeW
                 );
             } else if !outcome.fenced_claims.is_empty() {
                 tracing::info!(node = %name, claims = outcome.fenced_claims.len(), "fenced the remaining claims of an already fenced, tainted node");
+            }
+            if let (Some(events), false) = (&ctx.fenced, outcome.fenced_claims.is_empty()) {
+                // The receiver is gone only while the controller stops.
+                let _ = events.send(FencedVolumes {
+                    node: name.clone(),
+                    volumes: outcome
+                        .fenced_claims
+                        .iter()
+                        .map(|c| c.volume.clone())
+                        .collect(),
+                });
             }
             ctx.completed
                 .lock()
