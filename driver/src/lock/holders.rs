@@ -47,12 +47,43 @@ pub struct HolderProcess {
 
 /// Every process other than this one that uses the volume.
 pub fn find(views: &VolumeViews) -> Vec<HolderProcess> {
+    scan(views, false)
+}
+
+/// [`find`], and also every process of a mount namespace (other than this process's)
+/// that shows the volume at a mount point that is not one of `views.paths`: a
+/// container's bind of the target (at `/data`, say) lets each of its processes open the
+/// volume at any moment, whether or not one has anything open now. A namespace that
+/// shows the volume only at a target's own path has merely received the plugin's mount
+/// by propagation (the host's, kubelet's, another pod's with the kubelet directory
+/// mounted): there only processes with something open count, as in [`find`].
+///
+/// This is the proof [`crate::lock::gone_pods`] needs before releasing a claim nobody
+/// unpublished: an empty answer means no process can issue I/O through the volume's
+/// mounts (in the PID namespace scanned: the plugin runs with `hostPID`).
+pub fn users(views: &VolumeViews) -> Vec<HolderProcess> {
+    scan(views, true)
+}
+
+/// What one mount namespace shows of the volume.
+struct NamespaceView {
+    /// Mount points showing the volume, for the path checks.
+    prefixes: Vec<PathBuf>,
+    /// One that is not a target's own path (see [`users`]).
+    own_mount: Option<PathBuf>,
+}
+
+fn scan(views: &VolumeViews, whole_namespaces: bool) -> Vec<HolderProcess> {
     let me = std::process::id() as i32;
-    let mut per_namespace: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
+    let mut per_namespace: HashMap<PathBuf, NamespaceView> = HashMap::new();
     // In our own namespace only the given paths count: another mount of the same data
     // directory here is another plugin instance's target, not ours to police.
     if let Ok(own) = std::fs::read_link("/proc/self/ns/mnt") {
-        per_namespace.insert(own, Vec::new());
+        let view = NamespaceView {
+            prefixes: Vec::new(),
+            own_mount: None,
+        };
+        per_namespace.insert(own, view);
     }
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -71,15 +102,32 @@ pub fn find(views: &VolumeViews) -> Vec<HolderProcess> {
         }
         let proc_dir = entry.path();
         let mut prefixes = views.paths.clone();
+        let mut own_mount = None;
         if let (Some(location), Ok(ns)) =
             (&views.location, std::fs::read_link(proc_dir.join("ns/mnt")))
         {
-            let extra = per_namespace
-                .entry(ns)
-                .or_insert_with(|| mounts_showing(&proc_dir, location));
-            prefixes.extend(extra.iter().cloned());
+            let view = per_namespace.entry(ns).or_insert_with(|| {
+                let prefixes = mounts_showing(&proc_dir, location);
+                let own_mount = prefixes
+                    .iter()
+                    .find(|m| !views.paths.iter().any(|p| p == *m))
+                    .cloned();
+                NamespaceView {
+                    prefixes,
+                    own_mount,
+                }
+            });
+            prefixes.extend(view.prefixes.iter().cloned());
+            own_mount = view.own_mount.clone();
         }
-        if let Some(uses) = uses_volume(&proc_dir, &prefixes) {
+        let uses = match (whole_namespaces, own_mount) {
+            (true, Some(mount)) => Some(format!(
+                "its mount namespace shows the volume at {}",
+                mount.display()
+            )),
+            _ => uses_volume(&proc_dir, &prefixes),
+        };
+        if let Some(uses) = uses {
             let command = std::fs::read_to_string(proc_dir.join("comm"))
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default();
