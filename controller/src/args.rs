@@ -106,6 +106,12 @@ pub struct ServeArgs {
     /// `host:port`, or empty / `0` for off.
     #[arg(long, env = "HOLDFAST_METRICS_ADDRESS", default_value = ":9809")]
     pub metrics_address: String,
+
+    /// How often the leader reads every claim to mark those whose holder's lease
+    /// expired (for `status` and events) and to update the claims gauge. Default: the
+    /// sessions' renewal interval D/3.
+    #[arg(long, env = "HOLDFAST_EXPIRY_INTERVAL", value_parser = parse_duration)]
+    pub expiry_interval: Option<Duration>,
 }
 
 impl ServeArgs {

@@ -12,6 +12,7 @@
 //!   VolumeAttachment's status, [`kubernetes::refusal`]).
 //! - [`args`]: the command line (serve by default; `fence`, `unfence`, `claims`);
 //!   [`admin`]: the admin verbs against the lease store, and their output.
+//! - [`expiry`]: the leader's sweep that marks claims whose holder's lease expired.
 //! - [`ControllerError`]: the crate's errors and their one mapping to gRPC codes.
 //! - [`metrics`]: the Prometheus series and the `/metrics` endpoint;
 //!   `timed_store` times every lease store call for them.
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod args;
 pub mod csi;
 mod error;
+pub mod expiry;
 pub mod kubernetes;
 pub mod metrics;
 mod timed_store;
@@ -38,6 +40,7 @@ use holdfast_core::store::{self, StoreConfig, StoreError};
 
 use crate::args::{Command, ServeArgs};
 use crate::csi::gate::AttachGate;
+use crate::expiry::ExpiryWatch;
 use crate::kubernetes::attach_watch::AttachWatch;
 use crate::kubernetes::events::Publisher;
 use crate::kubernetes::leader::{default_identity, Elector, LeaderConfigError, Leadership};
@@ -186,6 +189,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
         .as_ref()
         .map(|c| c.identity.clone())
         .unwrap_or_else(default_identity);
+    // The expired marks name this replica as the leader election does.
+    let observed_by = leader_config
+        .as_ref()
+        .map(|c| c.identity.clone())
+        .unwrap_or_else(crate::kubernetes::leader::default_identity);
     let leadership = match (&kube, leader_config) {
         (Some(client), Some(config)) => {
             tracing::info!(identity = %config.identity, namespace = %config.namespace, lease = %config.name, "leader election on: acting only while leading");
@@ -200,6 +208,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
             Leadership::always()
         }
     };
+    // The leader marks claims whose holder's lease expired, and counts claims by state.
+    let expiry = ExpiryWatch::new(store.clone(), params, observed_by, leadership.clone());
+    let every = args
+        .expiry_interval
+        .unwrap_or_else(|| params.renew_interval());
+    tasks.push(tokio::spawn(expiry.run(every, stop.clone())));
     // The taint fence tells the Event watch which claims it freed.
     let (fenced_tx, fenced_rx) = tokio::sync::mpsc::unbounded_channel();
     if let (Some(client), true) = (&kube, events) {

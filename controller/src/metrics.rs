@@ -13,6 +13,8 @@
 //! | `leader` | gauge | 1 while this replica acts, else 0 |
 //! | `watch_restarts_total` | counter | `resource`: `nodes` (a re-list after the first, or a watch error) |
 //! | `store_call_seconds` | histogram | `op`, `outcome` (`ok`, `conflict`, `unavailable`, `error`) |
+//! | `claims` | gauge | `state`: `held`, `released`, `fenced`, `expired` (held, holder's lease judged expired); set by the leader's expiry sweep, absent on followers |
+//! | `takeover_seconds` | histogram | none: see [`observe_takeover`] |
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -43,6 +45,17 @@ impl MetricConstructor<Histogram> for Buckets {
     }
 }
 
+#[derive(Clone)]
+struct TakeoverBuckets;
+
+impl MetricConstructor<Histogram> for TakeoverBuckets {
+    fn new_metric(&self) -> Histogram {
+        // 0.25 s … ~17 min: a takeover waits at least W (17 s by default), and a
+        // replacement pod may take minutes to be scheduled and started.
+        Histogram::new(exponential_buckets(0.25, 2.0, 13))
+    }
+}
+
 /// Every series the controller exports.
 pub struct Metrics {
     registry: Registry,
@@ -52,6 +65,8 @@ pub struct Metrics {
     leader: Gauge,
     watch_restarts: Family<Label, Counter>,
     store_calls: Family<Labels2, Histogram, Buckets>,
+    claims: Family<Label, Gauge>,
+    takeovers: Histogram,
 }
 
 impl Metrics {
@@ -93,8 +108,25 @@ impl Metrics {
             "Lease store call latency, by operation and outcome",
             store_calls.clone(),
         );
+        let claims = Family::<Label, Gauge>::default();
+        registry.register(
+            "claims",
+            "Volume claims by state, as the leader's last expiry sweep read them; expired: \
+             held, but the holder's lease expired on this controller's clock",
+            claims.clone(),
+        );
+        let takeovers = TakeoverBuckets.new_metric();
+        registry.register(
+            "takeover_seconds",
+            "Claims taken over after their holder's lease expired: seconds from this \
+             controller's first sighting of the holder's last session version to its first \
+             sighting of the new holder (resolution: the expiry sweep interval)",
+            takeovers.clone(),
+        );
         Metrics {
             registry,
+            claims,
+            takeovers,
             fences,
             fences_lifted,
             attaches_refused,
@@ -153,6 +185,39 @@ pub fn observe_store_call(op: &'static str, outcome: &'static str, seconds: f64)
         .store_calls
         .get_or_create(&[("op", op), ("outcome", outcome)])
         .observe(seconds);
+}
+
+/// Sets the `claims` gauge from one sweep.
+pub fn set_claims(held: usize, released: usize, fenced: usize, expired: usize) {
+    for (state, count) in [
+        ("held", held),
+        ("released", released),
+        ("fenced", fenced),
+        ("expired", expired),
+    ] {
+        let count = i64::try_from(count).unwrap_or(i64::MAX);
+        metrics()
+            .claims
+            .get_or_create(&[("state", state)])
+            .set(count);
+    }
+}
+
+/// Removes the `claims` gauge: a replica that does not lead does not sweep, and its
+/// last figures would be stale.
+pub fn clear_claims() {
+    metrics().claims.clear();
+}
+
+/// One takeover, in seconds. Counted only for claims whose holder this controller had
+/// judged expired (unrenewed for `W` on its clock) while still holding, so that a
+/// release or a fence is never mistaken for one; measured from the first sighting of
+/// the holder's last session version (the start of its silence as seen from here) to
+/// the first sighting of the new holder, both at sweep granularity. It therefore
+/// includes the `W` the new holder's node had to wait, and the time its pod took to
+/// reach NodePublishVolume.
+pub fn observe_takeover(seconds: f64) {
+    metrics().takeovers.observe(seconds);
 }
 
 /// `--metrics-address`: `:9809` (every interface), `host:port`, or empty / `0` for off.
