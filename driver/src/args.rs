@@ -4,11 +4,12 @@
 //! plugin runs with.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use holdfast_core::csi::serve::{Endpoint, EndpointError};
 use holdfast_core::lease::LeaseParams;
-use holdfast_core::lease_config::{LeaseArgs, LeaseConfigError, LeaseStoreKind};
+use holdfast_core::lease_config::{parse_duration, LeaseArgs, LeaseConfigError, LeaseStoreKind};
 pub use holdfast_core::logging::LogFormat;
 use holdfast_core::store::StoreConfig;
 
@@ -97,6 +98,35 @@ pub struct Args {
         value_name = "BOOL"
     )]
     pub restart_pods_on_data_path_loss: bool,
+
+    /// When a pod holding a volume on this node is gone (its object deleted, re-created
+    /// with another UID, or its phase Succeeded/Failed) and NodeUnpublishVolume has not
+    /// come this long after the plugin saw it gone (kubelet stopped while the plugin
+    /// lives), the plugin checks that no process on the node still uses the volume's
+    /// mounts (open files, cwd, a container's mount namespace showing it); if none
+    /// does, it unmounts them, releases the claim, and posts a Normal Event
+    /// (VolumeReleasedForGonePod) on the pod if it still exists. While one does, the
+    /// claim stays. Watches this node's pods (needs a Kubernetes API and pods
+    /// list/watch/get); 0 turns it off. Units: ms, s, m; a bare number is seconds.
+    #[arg(
+        long,
+        env = "HOLDFAST_RELEASE_GONE_PODS_AFTER",
+        default_value = "30s",
+        value_parser = parse_bound,
+        value_name = "DURATION"
+    )]
+    pub release_gone_pods_after: Duration,
+}
+
+/// A duration as `--lease-duration` takes it, or zero (`0`, `0s`): off.
+fn parse_bound(text: &str) -> Result<Duration, String> {
+    let number = text
+        .trim()
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    if number.parse::<f64>() == Ok(0.0) {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
 }
 
 /// The checked configuration the plugin runs with.
@@ -113,6 +143,8 @@ pub struct Config {
     pub standalone: bool,
     pub fuse_passthrough: bool,
     pub restart_pods_on_data_path_loss: bool,
+    /// Zero: off.
+    pub release_gone_pods_after: Duration,
 }
 
 impl Args {
@@ -155,6 +187,7 @@ impl Args {
             standalone: self.standalone,
             fuse_passthrough: self.fuse_passthrough,
             restart_pods_on_data_path_loss: self.restart_pods_on_data_path_loss,
+            release_gone_pods_after: self.release_gone_pods_after,
         })
     }
 }
@@ -188,6 +221,27 @@ mod tests {
         );
         assert!(!config.standalone);
         assert!(config.restart_pods_on_data_path_loss);
+        assert_eq!(config.release_gone_pods_after, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn releasing_gone_pods_takes_a_bound_or_zero() {
+        let bound = |flag: &str| {
+            Args::try_parse_from([
+                "holdfast-driver",
+                "--backend-root",
+                "/r",
+                "--release-gone-pods-after",
+                flag,
+            ])
+            .map(|a| a.release_gone_pods_after)
+        };
+        assert_eq!(bound("1500ms").unwrap(), Duration::from_millis(1500));
+        assert_eq!(bound("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(bound("0").unwrap(), Duration::ZERO);
+        assert_eq!(bound("0s").unwrap(), Duration::ZERO);
+        assert!(bound("soon").is_err());
+        assert!(bound("-1s").is_err());
     }
 
     #[test]

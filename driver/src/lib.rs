@@ -9,6 +9,8 @@
 //!   and their gates; [`lock::epoch_file`] is the fencing epoch on the volume's storage;
 //!   [`lock::enforcer`] fences gates (higher epoch on storage, claim lost, node fenced);
 //!   [`lock::holders`] finds and kills the processes using a fenced bind volume;
+//!   [`lock::gone_pods`] watches this node's pods and releases the claim of a gone pod
+//!   kubelet did not unpublish, once no process uses its mounts;
 //!   [`lock::lock_request`] is what a publish asks of the lock (pod, context, wait budget).
 //! - [`publish`]: what publish, unpublish and stats do on the node.
 //!   [`publish::publisher`] runs them (bind mount or FUSE); [`publish::published`] is the

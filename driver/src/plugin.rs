@@ -11,8 +11,10 @@
 //!
 //! At start the node's lease session begins ([`SessionLease::start_with`], which takes
 //! the node-local flock and frees or adopts the claims of predecessors proven dead);
-//! without it the plugin refuses to serve. The enforcement task ([`crate::lock::enforcer`])
-//! and the queue of releases to retry run beside the gRPC server.
+//! without it the plugin refuses to serve. The enforcement task ([`crate::lock::enforcer`]),
+//! the queue of releases to retry, and the watch of this node's pods that releases the
+//! claims of gone pods kubelet did not unpublish ([`crate::lock::gone_pods`]) run beside
+//! the gRPC server.
 //!
 //! On stop the socket is removed; published mounts stay where they are, because kubelet
 //! owns them and a restarted plugin takes them over from the mount table. What that
@@ -51,8 +53,8 @@ use crate::args::{Args, ArgsError, Config};
 use crate::csi::error::NodeError;
 use crate::csi::node::NodeService;
 use crate::lock::claims::{self, ClaimBook};
-use crate::lock::enforcer;
 use crate::lock::epoch_file::{self, EpochWrite};
+use crate::lock::{enforcer, gone_pods};
 use crate::publish::data_path_loss;
 use crate::publish::published::DataPathKind;
 use crate::publish::publisher::Publisher;
@@ -80,6 +82,9 @@ pub enum RunError {
     #[error(transparent)]
     Serve(#[from] ServeError),
 }
+
+/// How long a stop waits for a release of a gone pod's claim in progress.
+const GONE_PODS_STOP: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Parses nothing itself: resolves `args` against the environment, then runs until
 /// SIGTERM/SIGINT.
@@ -149,6 +154,18 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
         stopped,
     ));
     let retry_task = tokio::spawn(claims::run_release_retries(session.clone(), release_queue));
+    // Off in standalone: no pods, no kubelet there.
+    let mut gone_pods_task = tokio::spawn(gone_pods::run(
+        book.clone(),
+        publisher.clone(),
+        config.node_id.clone(),
+        if config.standalone {
+            std::time::Duration::ZERO
+        } else {
+            config.release_gone_pods_after
+        },
+        stop_enforcer.subscribe(),
+    ));
 
     let mut node = NodeService::new(config.node_id.clone(), publisher.clone(), book.clone());
     if config.standalone {
@@ -184,6 +201,16 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     // the session stop.
     let _ = stop_enforcer.send(true);
     let _ = enforcer_task.await;
+    // Stops at its next wake-up; an attempt in progress (bounded API calls, one scan,
+    // the unmounts) finishes first, so a release is not cut short between the unmount
+    // and the store. Bounded, so that a stuck unmount cannot keep the process alive.
+    if tokio::time::timeout(GONE_PODS_STOP, &mut gone_pods_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the release of a gone pod's claim did not finish; stopping anyway");
+        gone_pods_task.abort();
+    }
     retry_task.abort();
     let _ = retry_task.await;
     drop(book);
@@ -255,6 +282,7 @@ async fn adopt_bind_claims(book: &ClaimBook, publisher: &Publisher, report: &Rec
         let claim = book.adopt(book.claimed(
             &volume_id,
             &record.holder.pod_uid,
+            record.holder.pod.clone(),
             record.epoch,
             DataPathKind::Bind,
             epoch_file.clone(),

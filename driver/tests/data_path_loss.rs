@@ -14,7 +14,8 @@
 //!   UID) is neither told nor deleted (this fails if the UID comparison is removed);
 //! - with `--restart-pods-on-data-path-loss=false`, an owned pod is told, not deleted;
 //! - the node identity was refused nothing, and used every verb of its `holdfast-node-pods`
-//!   ClusterRole (least privilege for the grant this feature adds).
+//!   ClusterRole (least privilege for the grant this feature adds; pods list and watch
+//!   are the plugins' watch of their node's pods, `src/lock/gone_pods.rs`).
 //!
 //! Skips without the Kubernetes binaries unless `HOLDFAST_REQUIRE_KUBE=1`.
 //!
@@ -336,8 +337,12 @@ async fn pods_of_a_dead_fuse_data_path_are_told_and_owned_ones_restarted() {
         .iter()
         .map(|e| (e.group.clone(), e.resource.clone(), e.verb.clone()))
         .collect();
+    // list and watch: the plugin's watch of its node's pods (driver/src/lock/gone_pods.rs,
+    // tested in tests/gone_pods.rs), which runs in every plugin of this test.
     for grant in [
         ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
         ("", "pods", "delete"),
         ("", "events", "create"),
     ] {
@@ -351,6 +356,8 @@ async fn pods_of_a_dead_fuse_data_path_are_told_and_owned_ones_restarted() {
     let granted = pods_role_grants();
     let expected: BTreeSet<_> = [
         ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
         ("", "pods", "delete"),
         ("", "events", "create"),
     ]

@@ -36,6 +36,9 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 pub struct ClaimedVolume {
     pub volume_id: String,
     pub pod_uid: String,
+    /// The pod's namespace and name when kubelet sent them (`podInfoOnMount`): what
+    /// [`crate::lock::gone_pods`] looks up to learn that the pod is gone.
+    pub pod: Option<PodName>,
     pub epoch: Epoch,
     pub gate: VolumeGate,
     pub kind: DataPathKind,
@@ -213,6 +216,7 @@ impl ClaimBook {
         let claim = Arc::new(ClaimedVolume {
             volume_id: req.volume_id.clone(),
             pod_uid: req.pod_uid,
+            pod: req.pod,
             epoch,
             gate: VolumeGate::new(self.session.deadline()),
             kind: req.kind,
@@ -226,10 +230,12 @@ impl ClaimBook {
     }
 
     /// A claim built for adoption (see [`ClaimBook::adopt`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn claimed(
         &self,
         volume_id: &str,
         pod_uid: &str,
+        pod: Option<PodName>,
         epoch: Epoch,
         kind: DataPathKind,
         epoch_file: PathBuf,
@@ -238,6 +244,7 @@ impl ClaimBook {
         ClaimedVolume {
             volume_id: volume_id.to_string(),
             pod_uid: pod_uid.to_string(),
+            pod,
             epoch,
             gate: VolumeGate::new(self.session.deadline()),
             kind,

@@ -4,5 +4,6 @@
 pub mod claims;
 pub mod enforcer;
 pub mod epoch_file;
+pub mod gone_pods;
 pub mod holders;
 pub mod lock_request;
