@@ -33,13 +33,19 @@
 //! its own (a container's bind of the target, e.g. at `/data`), is a user. Any user,
 //! and the claim stays, re-checked every few seconds: a zombie container is a holder
 //! and the lock stays with it. None: the targets are unmounted exactly as
-//! NodeUnpublishVolume would (a busy bind mount is never detached; a FUSE mount's
-//! connection is aborted, so no copy of it anywhere passes I/O), and only then is the
-//! claim released (its gate fenced first). A process that appears between the scan and
-//! the unmount finds a bind unmount refused (busy, the claim stays) or a dead FUSE
-//! connection; what remains is a process entering the mount through a mount namespace
-//! created in that instant, from one already holding the mount, which the scan saw
-//! holding nothing.
+//! NodeUnpublishVolume would (a busy bind mount is never detached; a busy FUSE mount is
+//! detached and its connection aborted), and only then is the claim released, its gate
+//! fenced first, so that no FUSE operation passes any more through any copy of the
+//! mount. A process that appears between the scan and the unmount finds a bind unmount
+//! refused (busy: the claim stays) or a dead FUSE mount; what remains is a process
+//! entering the mount through a mount namespace created in that instant, from one
+//! already holding the mount, which the scan saw holding nothing.
+//!
+//! Known limit (the FUSE unmount's, not this module's): a private copy of a FUSE target
+//! in another mount namespace that the scan does not count (one at the target's own
+//! path, with nothing open) keeps the connection alive after the clean unmount here,
+//! and the unmount then waits for the session to end, holding the volume's lock. The
+//! claim stays (safe), but this task and that volume's calls wait until the copy goes.
 //!
 //! Without a Kubernetes API (standalone, etcd outside a cluster), or with
 //! `--release-gone-pods-after=0`, it logs once and does nothing: such claims end by
