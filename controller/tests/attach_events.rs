@@ -492,3 +492,94 @@ async fn the_taint_fence_is_told_on_the_pvc_and_the_takeover_names_the_fence() {
     let log = std::fs::read_to_string(log).unwrap_or_default();
     assert!(!log.contains("cannot publish event"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_publishes_and_the_next_leader_carries_on() {
+    let test = "attach_events_leader";
+    let Some((plane, attacher_bin)) = start(test).await else {
+        return;
+    };
+    let (mut first, _) = controller(&plane, "controller-1").await;
+    wait_for(Duration::from_secs(10), "controller-1 leads", || async {
+        (plane.leader_holder().await.as_deref() == Some("controller-1")).then_some(())
+    })
+    .await;
+    let (second, second_log) = controller(&plane, "controller-2").await;
+    let data = claim(&plane, &first, "data-q-0").await;
+    let holder = pod(&plane, "q-0", "n1", "data-q-0").await;
+    pod(&plane, "q-0-moved", "n2", "data-q-0").await;
+    let n1 = plane.session("n1", "n1").await;
+    n1.acquire_for_pod(
+        &data.volume,
+        &holder.uid().unwrap(),
+        Some(PodName {
+            namespace: APPS.into(),
+            name: "q-0".into(),
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    // The attacher calls the follower: its gate refuses, the leader tells.
+    let _attacher = Attacher::start(
+        &attacher_bin,
+        &plane.plane.kubeconfig(&Identity::Admin),
+        &second.socket,
+        &plane.path().join("attacher.log"),
+    );
+    attachment(&plane, &data.pv, "n2").await;
+    wait_for(
+        Duration::from_secs(20),
+        "the refusal Event counted twice",
+        || async {
+            let found = events(&plane, "q-0-moved", "VolumeHeldElsewhere").await;
+            found.iter().any(|e| count(e) >= 2).then_some(())
+        },
+    )
+    .await;
+    let by = |found: &[Event]| -> Vec<String> {
+        found
+            .iter()
+            .map(|e| e.reporting_instance.clone().unwrap_or_default())
+            .collect()
+    };
+    let found = events(&plane, "q-0-moved", "VolumeHeldElsewhere").await;
+    assert_eq!(by(&found), ["controller-1"], "{found:#?}");
+    assert!(
+        !std::fs::read_to_string(&second_log)
+            .unwrap_or_default()
+            .contains("event published"),
+        "the follower published"
+    );
+
+    // The leader dies; the follower takes over the Lease and the Events.
+    let killed = Instant::now();
+    first.kill();
+    let (_, failover) = wait_for(
+        Duration::from_secs(15),
+        "controller-2 tells the refusal",
+        || async {
+            let found = events(&plane, "q-0-moved", "VolumeHeldElsewhere").await;
+            by(&found)
+                .contains(&"controller-2".to_string())
+                .then_some(())
+        },
+    )
+    .await;
+    drop(n1);
+    wait_for(
+        Duration::from_secs(15),
+        "controller-2 tells the takeover",
+        || async {
+            let found = events(&plane, "q-0-moved", "VolumeTakenOver").await;
+            (by(&found) == ["controller-2"]).then_some(())
+        },
+    )
+    .await;
+    println!(
+        "leader killed -> the next leader's first VolumeHeldElsewhere in {:.0} ms (leader \
+         Lease 2 s); its VolumeTakenOver {:.1} s after the kill",
+        failover.as_secs_f64() * 1000.0,
+        killed.elapsed().as_secs_f64()
+    );
+}
