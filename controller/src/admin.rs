@@ -232,7 +232,7 @@ pub fn print_claims(
     print_table(out, &header, cells)
 }
 
-fn state_name(state: ClaimState) -> &'static str {
+pub(crate) fn state_name(state: ClaimState) -> &'static str {
     match state {
         ClaimState::Held => "held",
         ClaimState::Released => "released",
@@ -240,13 +240,16 @@ fn state_name(state: ClaimState) -> &'static str {
     }
 }
 
-fn print_json<T: Serialize + ?Sized>(out: &mut dyn Write, value: &T) -> Result<(), RunError> {
+pub(crate) fn print_json<T: Serialize + ?Sized>(
+    out: &mut dyn Write,
+    value: &T,
+) -> Result<(), RunError> {
     serde_json::to_writer_pretty(&mut *out, value).map_err(RunError::Json)?;
     Ok(writeln!(out)?)
 }
 
 /// Left-aligned columns separated by two spaces.
-fn print_table(
+pub(crate) fn print_table(
     out: &mut dyn Write,
     header: &[&str],
     rows: Vec<Vec<String>>,

@@ -49,6 +49,7 @@ pub enum Command {
     Fence(FenceArgs),
     Unfence(UnfenceArgs),
     Claims(ClaimsArgs),
+    Status(StatusArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -284,6 +285,63 @@ pub struct ClaimsArgs {
     pub lease: LeaseArgs,
 }
 
+/// Show every volume claim: holder pod (namespace/name and UID), node, state, epoch,
+/// the holder's session as this command sees it, the expired marks the controller
+/// wrote, and the fences of the nodes named.
+///
+/// This command trusts no other machine's clock and has timed no session before it
+/// started, so it reports only what it sees itself:
+///
+///   SESSION  live: the session record changed (was renewed) during --observe;
+///            unknown: not seen renewed (always so with --observe=0: watch for at
+///            least D/3, the renewal interval, to tell a live holder from a silent
+///            one); expired: seen unchanged for W = D(1+e)+margin, the acquire rule;
+///            gone: no session record, its owner can no longer write.
+///   AGE      renewals x D/3: an estimate of how long the session has renewed.
+///   EXPIRES  an upper bound on the time to expiry: if the holder is not renewed
+///            again, its lease has certainly expired (it has self-fenced and any
+///            node that has watched as long may take the volume) W = D(1+e)+margin
+///            after this command first saw its last renewal. Node plugins and the
+///            controller time it on their own clocks, from their own first sighting.
+///   NOTE     "self-fenced by T": the controller judged the holder's lease expired
+///            and estimates T on its wall clock (an estimate for people, not a
+///            decision); "stale" when the session renewed after all.
+///
+/// With -o json the output is one document of schema "holdfast.status/v1"
+/// (see the README).
+#[derive(clap::Args, Debug, Clone)]
+#[command(verbatim_doc_comment)]
+pub struct StatusArgs {
+    /// Watch the held claims' sessions this long before reporting (e.g. 5s; 0: read
+    /// once).
+    #[arg(long, default_value = "0s", value_parser = parse_observe)]
+    pub observe: Duration,
+
+    /// Only claims whose holder runs on this node.
+    #[arg(long)]
+    pub node: Option<String>,
+
+    /// How to print the result on stdout.
+    #[arg(long, short, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+}
+
+/// `--observe`: a duration, or zero for no observation (which `parse_duration`, made
+/// for lease timing, refuses).
+fn parse_observe(text: &str) -> Result<Duration, String> {
+    match text
+        .trim()
+        .trim_end_matches(['s', 'm'])
+        .trim_end_matches('m')
+    {
+        "0" => Ok(Duration::ZERO),
+        _ => parse_duration(text),
+    }
+}
+
 /// How the admin subcommands print their result on stdout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
@@ -395,6 +453,36 @@ mod tests {
         assert!(parse(&["fence"]).is_err(), "--node is required");
         // Serve flags belong to serving; they are not accepted with a subcommand.
         assert!(parse(&["--backend-root=/b", "fence", "--node", "n1"]).is_err());
+    }
+
+    #[test]
+    fn status_observes_nothing_unless_asked_and_explains_expiry() {
+        let Command::Status(args) = parse(&["status"]).unwrap() else {
+            panic!("status");
+        };
+        assert_eq!(
+            (args.observe, args.output),
+            (Duration::ZERO, OutputFormat::Table)
+        );
+        let Command::Status(args) = parse(&["status", "--observe=5s", "-o", "json"]).unwrap()
+        else {
+            panic!("status");
+        };
+        assert_eq!(
+            (args.observe, args.output),
+            (Duration::from_secs(5), OutputFormat::Json)
+        );
+        assert!(parse(&["status", "--observe=soon"]).is_err());
+        use clap::CommandFactory;
+        let mut command = Args::command();
+        let help = command
+            .find_subcommand_mut("status")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for needle in ["upper bound", "W = D(1+e)+margin", "holdfast.status/v1"] {
+            assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
+        }
     }
 
     #[test]

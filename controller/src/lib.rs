@@ -10,8 +10,9 @@
 //!   is lifted; [`kubernetes::attach_watch`] / [`kubernetes::events`] publish the Events
 //!   that say why a pod waits for its volume (read from the attach gate's refusal in the
 //!   VolumeAttachment's status, [`kubernetes::refusal`]).
-//! - [`args`]: the command line (serve by default; `fence`, `unfence`, `claims`);
-//!   [`admin`]: the admin verbs against the lease store, and their output.
+//! - [`args`]: the command line (serve by default; `fence`, `unfence`, `claims`,
+//!   `status`); [`admin`]: the admin verbs against the lease store, and their output;
+//!   [`status`]: the `status` verb, which reports only what it saw itself.
 //! - [`expiry`]: the leader's sweep that marks claims whose holder's lease expired.
 //! - [`ControllerError`]: the crate's errors and their one mapping to gRPC codes.
 //! - [`metrics`]: the Prometheus series and the `/metrics` endpoint;
@@ -26,6 +27,7 @@ mod error;
 pub mod expiry;
 pub mod kubernetes;
 pub mod metrics;
+pub mod status;
 mod timed_store;
 
 use std::sync::Arc;
@@ -127,6 +129,13 @@ pub async fn run(args: args::Args) -> Result<(), RunError> {
             let store = admin::open_store(&args.lease, "claims").await?;
             let rows = admin::claims(store.as_ref(), &args).await?;
             admin::print_claims(&mut stdout, args.output, &rows)
+        }
+        Command::Status(args) => {
+            logging::init("warn", LogFormat::Text)?;
+            let store = admin::open_store(&args.lease, "status").await?;
+            let params = args.lease.params()?;
+            let report = status::status(store.as_ref(), &params, &args).await?;
+            status::print_status(&mut stdout, args.output, &report)
         }
     }
 }
