@@ -1,7 +1,8 @@
 //! The metrics endpoint of the real controller binary: `GET /metrics` answers in the
 //! Prometheus text format, and a refused attach (another node's pod holds the volume,
 //! in a real etcd lease store) moves `holdfast_controller_attaches_refused_total`; the
-//! store calls the gate made show in `holdfast_controller_store_call_seconds`.
+//! store calls the gate made show in `holdfast_controller_store_call_seconds`; the
+//! leader's expiry sweep counts the claim in `holdfast_controller_claims`.
 
 mod common;
 
@@ -88,11 +89,28 @@ async fn a_refused_attach_moves_the_refused_counter() {
         ),
         "{after}"
     );
+    // The expiry sweep (every D/3 = 333 ms) counts n1's live claim as held.
+    let held = "holdfast_controller_claims{state=\"held\"}";
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let text = scrape(port).await.unwrap();
+        if series(&text, held) == Some(1.0) {
+            break text;
+        }
+        assert!(std::time::Instant::now() < until, "{held} never 1: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for state in ["released", "fenced", "expired"] {
+        let name = format!("holdfast_controller_claims{{state=\"{state}\"}}");
+        assert_eq!(series(&after, &name), Some(0.0), "{after}");
+    }
     println!(
         "{}",
         after
             .lines()
-            .filter(|l| l.contains("refused") || l.contains("leader"))
+            .filter(|l| l.contains("refused")
+                || l.contains("leader")
+                || l.contains("controller_claims"))
             .collect::<Vec<_>>()
             .join("\n")
     );
