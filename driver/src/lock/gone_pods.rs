@@ -15,7 +15,11 @@
 //! is kept. A pod is *gone* when its object is deleted, re-created under its name with
 //! another UID, or its phase is Succeeded or Failed (all its containers terminated and
 //! reported so). The timer for a claim starts when the watch first shows its pod gone,
-//! on this process's monotonic clock; a pod seen alive again stops it. Before acting,
+//! on this process's monotonic clock; a pod seen alive again stops it. Absence (deleted,
+//! replaced) counts only for a pod that this process's watch has shown on this node
+//! while its claim was held: a claim for a pod the API never showed here (a `--node-id`
+//! that is not the Node's name, a test harness's made-up pod) is never released this
+//! way, while a Succeeded/Failed pod of the claim's UID is positive evidence. Before acting,
 //! the pod is read once more (`get`, a quorum read): the watch only triggers, it never
 //! decides alone, so a stale watch cache cannot release anything.
 //!
@@ -180,6 +184,11 @@ impl NodePods {
         }
     }
 
+    /// Whether the watch shows the pod `uid` under `name` now.
+    pub fn shows(&self, name: &PodName, uid: &str) -> bool {
+        self.pods.get(name).is_some_and(|seen| seen.uid == uid)
+    }
+
     /// Whether the pod `uid` named `name` is gone; `None` while alive, or before the
     /// first complete list.
     pub fn gone(&self, name: &PodName, uid: &str) -> Option<Gone> {
@@ -205,6 +214,8 @@ struct Timers {
     after: Duration,
     recheck: Duration,
     by_volume: HashMap<String, Timer>,
+    /// Volume → the claim's pod UID, for each claim whose pod the watch has shown.
+    witnessed: HashMap<String, String>,
 }
 
 impl Timers {
@@ -213,6 +224,7 @@ impl Timers {
             after,
             recheck: after.clamp(Duration::from_secs(1), Duration::from_secs(10)),
             by_volume: HashMap::new(),
+            witnessed: HashMap::new(),
         }
     }
 
@@ -227,13 +239,24 @@ impl Timers {
     ) -> Vec<(Arc<ClaimedVolume>, Gone)> {
         let mut due = Vec::new();
         let mut live = HashMap::new();
+        let mut witnessed = HashMap::new();
         for claim in claims {
             let Some(pod) = claim.pod.clone() else {
                 continue;
             };
+            let seen_here = pods.shows(&pod, &claim.pod_uid)
+                || self.witnessed.get(&claim.volume_id) == Some(&claim.pod_uid);
+            if seen_here {
+                witnessed.insert(claim.volume_id.clone(), claim.pod_uid.clone());
+            }
             let Some(gone) = pods.gone(&pod, &claim.pod_uid) else {
                 continue;
             };
+            // Absence counts only for a pod this watch has shown on this node while
+            // its claim was held (see the module doc).
+            if !seen_here && !matches!(gone, Gone::Finished { .. }) {
+                continue;
+            }
             if !published(&claim.volume_id) {
                 continue;
             }
@@ -259,6 +282,7 @@ impl Timers {
         }
         // Claims released, or whose pod is alive again, lose their timers.
         self.by_volume = live;
+        self.witnessed = witnessed;
         due
     }
 
@@ -620,8 +644,11 @@ mod tests {
         let mut pods = NodePods::default();
         pods.apply(watcher::Event::Init);
         pods.apply(watcher::Event::InitDone);
+        assert!(!pods.shows(&name("db-0"), "u1"));
         pods.apply(watcher::Event::Apply(pod("db-0", "u1", Some("Running"))));
         assert_eq!(pods.gone(&name("db-0"), "u1"), None);
+        assert!(pods.shows(&name("db-0"), "u1"));
+        assert!(!pods.shows(&name("db-0"), "u2"));
         pods.apply(watcher::Event::Apply(pod("db-0", "u1", Some("Failed"))));
         assert!(matches!(
             pods.gone(&name("db-0"), "u1"),
