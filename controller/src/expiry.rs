@@ -29,7 +29,7 @@ use holdfast_core::lease::decide::{Observations, SessionView};
 use holdfast_core::lease::types::ExpiredMark;
 use holdfast_core::lease::{
     decide_attach, AttachDecision, AttachGrant, AttachInput, ClaimRecord, ClaimState, Epoch,
-    Holder, LeaseParams, SessionRecord,
+    Holder, LeaseParams, SessionKey, SessionRecord,
 };
 use holdfast_core::store::{LeaseStore, StoreError, Versioned};
 use tokio::sync::watch;
@@ -74,6 +74,13 @@ struct Sighting {
     silent_since: Option<Mono>,
     /// The holder's session was judged expired at that sighting.
     judged_expired: bool,
+}
+
+/// What one sweep has read so far.
+#[derive(Default)]
+struct Reads {
+    sessions: HashMap<SessionKey, Option<Versioned<SessionRecord>>>,
+    fences: HashMap<String, bool>,
 }
 
 /// The sweeper. One per controller process.
@@ -141,14 +148,16 @@ impl ExpiryWatch {
     pub async fn sweep(&mut self) -> Result<SweepReport, ExpiryError> {
         let claims = self.store.list_claims().await.map_err(ExpiryError::List)?;
         let mut report = SweepReport::default();
-        let mut fences: HashMap<String, bool> = HashMap::new();
+        // Read once per sweep: many claims hang off one session, and a node's claims
+        // share its fence, so a sweep costs one list plus O(sessions + nodes) reads.
+        let mut reads = Reads::default();
         let mut sighted = HashMap::new();
         for claim in claims {
             let volume = claim.value.volume_id.clone();
             match claim.value.state {
                 ClaimState::Released => report.released += 1,
                 ClaimState::Fenced => report.fenced += 1,
-                ClaimState::Held => match self.held(claim, &mut fences, &mut report).await {
+                ClaimState::Held => match self.held(claim, &mut reads, &mut report).await {
                     Ok(sighting) => {
                         sighted.insert(volume, sighting);
                     }
@@ -170,18 +179,25 @@ impl ExpiryWatch {
     async fn held(
         &mut self,
         claim: Versioned<ClaimRecord>,
-        fences: &mut HashMap<String, bool>,
+        reads: &mut Reads,
         report: &mut SweepReport,
     ) -> Result<Sighting, StoreError> {
         let record = &claim.value;
         let key = record.holder.session();
-        let session = self.store.get_session(&key).await?;
+        let session = match reads.sessions.get(&key) {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.store.get_session(&key).await?;
+                reads.sessions.insert(key.clone(), s.clone());
+                s
+            }
+        };
         let node = &record.holder.node;
-        let fenced = match fences.get(node) {
+        let fenced = match reads.fences.get(node) {
             Some(f) => *f,
             None => {
                 let f = self.store.get_fence(node).await?.is_some();
-                fences.insert(node.clone(), f);
+                reads.fences.insert(node.clone(), f);
                 f
             }
         };
