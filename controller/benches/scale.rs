@@ -21,7 +21,8 @@
 //! `cargo bench -p holdfast-controller --bench scale` (as root, about 2 min). Knobs:
 //! `HOLDFAST_BENCH_NODES` (100), `HOLDFAST_BENCH_CLAIMS` (10000),
 //! `HOLDFAST_BENCH_SAMPLE` (2000 sequential publishes), `HOLDFAST_BENCH_DURABLE=0` (etcd
-//! without fsync). Without the Kubernetes binaries it prints why and exits 0.
+//! without fsync). Without the Kubernetes binaries it prints why and exits 0; run by
+//! `cargo test --all-targets` (no `--bench` argument) it measures nothing.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -31,8 +32,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use holdfast_core::backend::{
-    AccessMode, Backend, Capability, CapacityRange, VolumeId, VolumeName, VolumeParams,
-    VolumeSpec,
+    AccessMode, Backend, Capability, CapacityRange, VolumeId, VolumeName, VolumeParams, VolumeSpec,
 };
 use holdfast_core::csi::serve::connect_unix;
 use holdfast_core::csi::v1::controller_client::ControllerClient;
@@ -287,6 +287,12 @@ impl LatencyRow {
 
 #[tokio::main]
 async fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` (or --all-targets) runs this
+    // binary without it, where a two-minute control-plane run does not belong.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("scale: nothing measured outside `cargo bench` (no --bench argument)");
+        return;
+    }
     let nodes = knob("HOLDFAST_BENCH_NODES", 100).max(FENCED_NODES + 1);
     let claims = knob("HOLDFAST_BENCH_CLAIMS", 10_000).max(nodes);
     let sample = knob("HOLDFAST_BENCH_SAMPLE", 2000).min(claims);
@@ -446,7 +452,10 @@ async fn main() {
     let to_lead = controller.wait_leading(Duration::from_secs(60)).await;
     // Let the leader's first Node list settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut memory = vec![("after start, leading".to_string(), memory_of(controller.pid()))];
+    let mut memory = vec![(
+        "after start, leading".to_string(),
+        memory_of(controller.pid()),
+    )];
     // The kernel updates VmHWM lazily; a sampler keeps the highest VmRSS it sees too.
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
@@ -663,7 +672,11 @@ async fn main() {
         "{nodes} Nodes, {claims} claims (Lease objects, {} per node), {nodes} live sessions; \
          etcd {}; whole run {:.0} s",
         claims / nodes,
-        if durable { "with fsync" } else { "without fsync" },
+        if durable {
+            "with fsync"
+        } else {
+            "without fsync"
+        },
         total.as_secs_f64()
     );
     println!();
