@@ -331,3 +331,76 @@ impl ExpiryWatch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use holdfast_core::store::MemoryStore;
+
+    /// D = 30 ms: W = 35.3 ms, short enough to wait out in a unit test.
+    fn params() -> LeaseParams {
+        LeaseParams::new(Duration::from_millis(30), 0.01, Duration::from_millis(5)).unwrap()
+    }
+
+    async fn silent_holder() -> Arc<dyn LeaseStore> {
+        let store: Arc<dyn LeaseStore> = Arc::new(MemoryStore::new());
+        let holder = Holder {
+            node: "n1".into(),
+            pod_uid: "uid-a".into(),
+            instance: "i1".into(),
+            pod: None,
+        };
+        let claim = ClaimRecord {
+            volume_id: "vol".into(),
+            holder,
+            state: ClaimState::Held,
+            epoch: 1,
+            expired: None,
+        };
+        store.put_claim(&claim, None).await.unwrap();
+        let session = SessionRecord {
+            node: "n1".into(),
+            instance: "i1".into(),
+            boot_id: "b".into(),
+            machine_id: "m".into(),
+            duration_ms: 30,
+            renewals: 3,
+        };
+        store.put_session(&session, None).await.unwrap();
+        store
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_does_not_lead_judges_but_writes_nothing() {
+        let store = silent_holder().await;
+        let mut follower =
+            ExpiryWatch::new(store.clone(), params(), "f".into(), Leadership::follower());
+        let mut leader =
+            ExpiryWatch::new(store.clone(), params(), "l".into(), Leadership::always());
+        for watch in [&mut follower, &mut leader] {
+            let first = watch.sweep().await.unwrap();
+            assert_eq!((first.held, first.expired), (1, 0), "a fresh timer");
+        }
+        tokio::time::sleep(params().takeover_wait()).await;
+        let judged = follower.sweep().await.unwrap();
+        assert_eq!((judged.expired, judged.marked.len()), (1, 0));
+        assert_eq!(
+            store.get_claim("vol").await.unwrap().unwrap().value.expired,
+            None
+        );
+        let marked = leader.sweep().await.unwrap();
+        assert_eq!(marked.marked, ["vol"]);
+        let mark = store
+            .get_claim("vol")
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .expired
+            .unwrap();
+        assert_eq!((mark.observed_by.as_str(), mark.session_renewals), ("l", 3));
+        // Marked once: later sweeps keep it and count the claim expired.
+        let again = leader.sweep().await.unwrap();
+        assert_eq!((again.expired, again.marked.len()), (1, 0));
+    }
+}
