@@ -404,7 +404,7 @@ async fn examples_write_through_fuse_into_the_backend(
         kubeconfig: plane.kubeconfig(&Identity::Admin),
     };
     lock::lock_through_kubernetes(&kubectl, client.clone(), node, &log).await;
-    lock::killed_plugin_pod(&kubectl, client.clone(), &log).await;
+    lock::killed_plugin_pod(&kubectl, client.clone(), node, &log).await;
     let moved = other_node::moved_to_another_node(
         &kubectl,
         client.clone(),
@@ -416,8 +416,9 @@ async fn examples_write_through_fuse_into_the_backend(
     .await;
     println!(
         "db-0 moved to a node of its own while the old one was a zombie: attach refused \
-         ({}); attached {:?} after `holdfast-controller fence`",
-        moved.refused_message, moved.granted_after_fence
+         ({}); after the out-of-service taint the zombie's writer got EIO at {:?} and the \
+         attach was granted at {:?}",
+        moved.refused_message, moved.eio_after_taint, moved.granted_after_taint
     );
 
     let statefulsets: kube::Api<StatefulSet> = kube::Api::namespaced(client.clone(), "default");

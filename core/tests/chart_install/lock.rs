@@ -92,18 +92,28 @@ fn lines(log: &Path) -> Vec<String> {
 }
 
 /// Waits until the log has a line by `host` after its first `skip` lines; returns when.
-async fn first_line_by(log: &Path, skip: usize, host: &str, within: Duration) -> Duration {
+async fn first_line_by(
+    node: &KubeletNode,
+    log: &Path,
+    skip: usize,
+    host: &str,
+    within: Duration,
+) -> Duration {
     let started = Instant::now();
     let needle = format!(" {host} ");
     loop {
         if lines(log).iter().skip(skip).any(|l| l.contains(&needle)) {
             return started.elapsed();
         }
-        assert!(
-            started.elapsed() < within,
-            "no line by {host} within {within:?}; log tail: {:?}",
-            lines(log).iter().rev().take(5).collect::<Vec<_>>()
-        );
+        if started.elapsed() > within {
+            let volume_lines = node.log_lines_matching("kubelet", "kubernetes.io/csi");
+            let start = volume_lines.len().saturating_sub(40);
+            panic!(
+                "no line by {host} within {within:?}; log tail: {:?}\nkubelet on the volume:\n{}",
+                lines(log).iter().rev().take(5).collect::<Vec<_>>(),
+                volume_lines[start..].join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -166,7 +176,7 @@ pub async fn lock_through_kubernetes(
     // Hand-over on the node: the holder goes, the waiting pod writes.
     let before = lines(log).len();
     kubectl.run(&["scale", "statefulset", "db", "--replicas=0"]);
-    let first = first_line_by(log, before, "reader", Duration::from_secs(60)).await;
+    let first = first_line_by(node, log, before, "reader", Duration::from_secs(60)).await;
     println!("holder db-0 scaled away -> first write of pod reader after {first:?}");
     assert!(
         first < Duration::from_secs(20),
@@ -181,7 +191,7 @@ pub async fn lock_through_kubernetes(
     pods.delete("reader", &DeleteParams::default())
         .await
         .unwrap();
-    let back = first_line_by(log, before, "db-0", Duration::from_secs(60)).await;
+    let back = first_line_by(node, log, before, "db-0", Duration::from_secs(60)).await;
     println!("pod reader deleted -> first write of the new db-0 after {back:?}");
     assert!(back < Duration::from_secs(20), "hand-back took {back:?}");
     assert_single_writer(log, before);
@@ -208,7 +218,12 @@ fn assert_single_writer(log: &Path, from: usize) {
 
 /// Kills the node plugin's pod: the writer's FUSE mount dies with it (ENOTCONN), and the
 /// restarted plugin restarts the StatefulSet's pod, which writes again.
-pub async fn killed_plugin_pod(kubectl: &Kubectl, client: kube::Client, log: &Path) {
+pub async fn killed_plugin_pod(
+    kubectl: &Kubectl,
+    client: kube::Client,
+    node: &KubeletNode,
+    log: &Path,
+) {
     let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), "default");
     let plugin_pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), "holdfast");
     let plugin = plugin_pods
@@ -282,6 +297,12 @@ pub async fn killed_plugin_pod(kubectl: &Kubectl, client: kube::Client, log: &Pa
          after {plugin_back:?}; old db-0 gone after {old_gone:?}; new db-0 writing after \
          {restarted:?}"
     );
+    if restarted > Duration::from_secs(20) {
+        // Where the time went, for the record: kubelet's view of the volume.
+        let volume_lines = node.log_lines_matching("kubelet", "kubernetes.io/csi");
+        let start = volume_lines.len().saturating_sub(60);
+        println!("kubelet on the volume:\n{}", volume_lines[start..].join("\n"));
+    }
     assert!(
         enotconn.is_some(),
         "the writer never reported ENOTCONN (Transport endpoint is not connected)"
@@ -301,7 +322,7 @@ pub async fn killed_plugin_pod(kubectl: &Kubectl, client: kube::Client, log: &Pa
     );
 }
 
-fn container_logs(pod_dir: &Path) -> String {
+pub fn container_logs(pod_dir: &Path) -> String {
     let mut text = String::new();
     let Ok(containers) = std::fs::read_dir(pod_dir) else {
         return text;

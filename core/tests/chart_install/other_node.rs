@@ -2,7 +2,9 @@
 //! node's kubelet is stopped (Kubernetes hears nothing from it) but its pods, the node
 //! plugin and the writer among them, carry on. Kubernetes then believes what an admin's
 //! force delete and a stale node status tell it, and attaches the volume to the other
-//! node; holdfast's attach gate is what refuses, until the old node is fenced.
+//! node; holdfast's attach gate is what refuses, until the old node is fenced: here by
+//! the `node.kubernetes.io/out-of-service` taint, which the installed controller turns
+//! into a fence; the zombie's writes then fail with EIO.
 //!
 //! The other node is a Node object whose heartbeats this file drives (status and its
 //! `kube-node-lease` Lease), with a CSINode naming the driver, served by a real node
@@ -195,7 +197,8 @@ fn lines(log: &Path) -> usize {
 /// The figures of the scenario, for the caller to print.
 pub struct Moved {
     pub refused_message: String,
-    pub granted_after_fence: Duration,
+    pub granted_after_taint: Duration,
+    pub eio_after_taint: Duration,
 }
 
 pub async fn moved_to_another_node(
@@ -236,6 +239,7 @@ pub async fn moved_to_another_node(
 
     // The zombie: kubelet silent, pods running; Kubernetes is told the pod is gone.
     kubectl.run(&["cordon", node.name()]);
+    let zombie = pods.get("db-0").await.unwrap().metadata.uid.unwrap();
     node.pause_kubelet();
     let growing_from = lines(log);
     kubectl.run(&["delete", "pod", "db-0", "--force", "--grace-period=0"]);
@@ -321,11 +325,21 @@ pub async fn moved_to_another_node(
     }
     kubectl.show(&["describe", "pod", "db-0"]);
 
-    // The admin fences the zombie: the attach goes through, its writer stops.
+    // The admin marks the zombie out of service (NoSchedule: no evictions, so nothing
+    // but the taint itself is tested); the controller fences it, the attach goes
+    // through, and the zombie's writer gets EIO.
+    let taint = "node.kubernetes.io/out-of-service=nodeshutdown:NoSchedule";
     let fenced = Instant::now();
-    controller_cli(controller_bin, kubectl, &["fence", "--node", node.name()]);
+    kubectl.run(&["taint", "nodes", node.name(), taint]);
+    let zombie_logs = PathBuf::from(format!("/var/log/pods/default_db-0_{zombie}"));
+    let mut eio_after_taint = None;
     let deadline = fenced + Duration::from_secs(180);
-    let granted_after_fence = loop {
+    let granted_after_taint = loop {
+        if eio_after_taint.is_none()
+            && super::lock::container_logs(&zombie_logs).contains("Input/output error")
+        {
+            eio_after_taint = Some(fenced.elapsed());
+        }
         let attached = vas
             .list(&ListParams::default())
             .await
@@ -338,12 +352,27 @@ pub async fn moved_to_another_node(
         }
         if Instant::now() > deadline {
             panic!(
-                "not attached within 180 s of the fence\n{}\n{}",
+                "not attached within 180 s of the taint\n{}\n{}",
                 kubectl.run(&["describe", "volumeattachments"]),
                 plugin.log()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let deadline = fenced + Duration::from_secs(30);
+    let eio_after_taint = loop {
+        if let Some(at) = eio_after_taint {
+            break at;
+        }
+        if super::lock::container_logs(&zombie_logs).contains("Input/output error") {
+            break fenced.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the zombie's writer saw no EIO within 30 s of the taint: {}",
+            super::lock::container_logs(&zombie_logs)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = lines(log);
@@ -386,11 +415,15 @@ pub async fn moved_to_another_node(
         .unwrap();
     other.remove().await;
     node.resume_kubelet();
+    kubectl.run(&["taint", "nodes", node.name(), "node.kubernetes.io/out-of-service-"]);
+    // The plugin on the old node kept its session, so the taint's fence stays until it
+    // starts a new one (or an admin lifts it, as here).
     controller_cli(controller_bin, kubectl, &["unfence", "--node", node.name()]);
     kubectl.run(&["uncordon", node.name()]);
     Moved {
         refused_message: refused,
-        granted_after_fence,
+        granted_after_taint,
+        eio_after_taint,
     }
 }
 

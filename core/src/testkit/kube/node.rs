@@ -261,6 +261,16 @@ impl KubeletNode {
         assert!(status.success(), "kill {signal} {pid}");
     }
 
+    /// Every line `containerd` or `kubelet` logged that contains `needle`.
+    pub fn log_lines_matching(&self, component: &str, needle: &str) -> Vec<String> {
+        fs::read_to_string(self.dir.path().join(format!("{component}.log")))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// The last lines `containerd` or `kubelet` logged.
     pub fn log_tail(&self, component: &str) -> String {
         log_tail(&self.dir.path().join(format!("{component}.log")))
