@@ -110,8 +110,9 @@ pub struct ServeArgs {
 
     /// How often the leader reads every claim to mark those whose holder's lease
     /// expired (for `status` and events) and to update the claims gauge. Default: the
-    /// sessions' renewal interval D/3.
-    #[arg(long, env = "HOLDFAST_EXPIRY_INTERVAL", value_parser = parse_duration)]
+    /// sessions' renewal interval D/3. `0` turns the sweep off (each sweep lists every
+    /// claim, which on a large store costs memory at each pass).
+    #[arg(long, env = "HOLDFAST_EXPIRY_INTERVAL", value_parser = parse_zero_or_duration)]
     pub expiry_interval: Option<Duration>,
 }
 
@@ -314,7 +315,7 @@ pub struct ClaimsArgs {
 pub struct StatusArgs {
     /// Watch the held claims' sessions this long before reporting (e.g. 5s; 0: read
     /// once).
-    #[arg(long, default_value = "0s", value_parser = parse_observe)]
+    #[arg(long, default_value = "0s", value_parser = parse_zero_or_duration)]
     pub observe: Duration,
 
     /// Only claims whose holder runs on this node.
@@ -329,9 +330,9 @@ pub struct StatusArgs {
     pub lease: LeaseArgs,
 }
 
-/// `--observe`: a duration, or zero for no observation (which `parse_duration`, made
-/// for lease timing, refuses).
-fn parse_observe(text: &str) -> Result<Duration, String> {
+/// A duration, or zero (`0`, `0s`, `0ms`: none, off), which `parse_duration`, made for
+/// lease timing, refuses.
+fn parse_zero_or_duration(text: &str) -> Result<Duration, String> {
     match text
         .trim()
         .trim_end_matches(['s', 'm'])
@@ -473,6 +474,19 @@ mod tests {
             (Duration::from_secs(5), OutputFormat::Json)
         );
         assert!(parse(&["status", "--observe=soon"]).is_err());
+        let serve = |argv: &[&str]| match parse(argv).unwrap() {
+            Command::Serve(args) => args.expiry_interval,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(serve(&["--backend-root=/b"]), None);
+        assert_eq!(
+            serve(&["--backend-root=/b", "--expiry-interval=0"]),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            serve(&["--backend-root=/b", "--expiry-interval=30s"]),
+            Some(Duration::from_secs(30))
+        );
         use clap::CommandFactory;
         let mut command = Args::command();
         let help = command

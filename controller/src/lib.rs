@@ -218,11 +218,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
         }
     };
     // The leader marks claims whose holder's lease expired, and counts claims by state.
-    let expiry = ExpiryWatch::new(store.clone(), params, observed_by, leadership.clone());
     let every = args
         .expiry_interval
         .unwrap_or_else(|| params.renew_interval());
-    tasks.push(tokio::spawn(expiry.run(every, stop.clone())));
+    if every.is_zero() {
+        tracing::info!("--expiry-interval=0: no expired marks, no claims gauge");
+    } else {
+        let expiry = ExpiryWatch::new(store.clone(), params, observed_by, leadership.clone());
+        tasks.push(tokio::spawn(expiry.run(every, stop.clone())));
+    }
     // The taint fence tells the Event watch which claims it freed.
     let (fenced_tx, fenced_rx) = tokio::sync::mpsc::unbounded_channel();
     if let (Some(client), true) = (&kube, events) {
