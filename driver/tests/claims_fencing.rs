@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    create_volume_in, pair, publish_for, storage_epoch, unpublish_request, write_storage_epoch,
+    create_volume_in, mounts_at, pair, publish_for, storage_epoch, unpublish_request,
+    write_storage_epoch,
 };
 use holdfast_core::csi::v1::node_client::NodeClient;
 use holdfast_core::csi::v1::{NodeGetVolumeStatsRequest, VolumeCondition};
@@ -342,4 +343,31 @@ async fn claim_taken_over_in_the_store_stops_the_old_holder() {
         cond.abnormal && cond.message.contains("claim lost") && cond.message.contains("pod-x"),
         "{cond:?}"
     );
+}
+
+#[tokio::test]
+async fn a_publish_during_a_short_store_outage_waits_for_the_store_instead_of_failing() {
+    // kubelet doubles its pause after each failed mount: a publish that answered
+    // UNAVAILABLE at once during a few seconds' outage would leave the pod waiting far
+    // longer than the outage. It keeps asking (up to 10 s) and succeeds.
+    let mut p = pair("6s", "1s").await;
+    let id = create_volume_in(&p.a.root, "pv-outage", &[("dataPath", "fuse")]);
+    let ta = p.a.target();
+    p.etcd.pause();
+    let mut node_a = p.node_a.clone();
+    let request = publish_for(&id, &ta, "pod-1");
+    let publishing = tokio::spawn(async move { node_a.node_publish_volume(request).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!publishing.is_finished(), "answered during the outage");
+    let resumed = Instant::now();
+    p.etcd.resume();
+    publishing
+        .await
+        .unwrap()
+        .expect("the publish succeeds once the store answers again");
+    println!(
+        "published {:?} after the store came back",
+        resumed.elapsed()
+    );
+    assert_eq!(mounts_at(&ta).len(), 1);
 }

@@ -213,6 +213,10 @@ fn rpc_capability(kind: node_service_capability::rpc::Type) -> NodeServiceCapabi
     }
 }
 
+/// How long a publish keeps asking while the lease store or this node's session is
+/// unavailable, whatever `onConflict` says (within the call's deadline).
+const UNAVAILABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How often an `onConflict: wait` publish asks for the claim again.
 const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -235,6 +239,7 @@ impl NodeService {
         req: &NodePublishVolumeRequest,
         plan: &PublishPlan,
         wait_until: Mono,
+        unavailable_until: Mono,
     ) -> PublishAttempt {
         let id = plan.volume.as_str().to_string();
         let _guard = self.publisher.locks.lock(&id).await;
@@ -296,6 +301,16 @@ impl NodeService {
                     {
                         return PublishAttempt::HeldRetryAfter(WAIT_POLL);
                     }
+                    // The store is slow or this node's session is not yet (or no longer)
+                    // live: ask again for a little while rather than answer at once.
+                    // kubelet doubles its retry pause after every failed mount, so a
+                    // plugin that just started would otherwise leave its first pods
+                    // waiting up to a minute after its session is up.
+                    Err(NodeError::LeaseUnavailable { .. })
+                        if Mono::now() + WAIT_POLL < unavailable_until =>
+                    {
+                        return PublishAttempt::HeldRetryAfter(WAIT_POLL);
+                    }
                     Err(e) => return PublishAttempt::Done(Err(Status::from(e))),
                 }
             } else {
@@ -319,11 +334,16 @@ impl Node for NodeService {
         &self,
         request: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
-        let wait_until = Mono::now() + wait_budget(grpc_timeout(request.metadata()));
+        let budget = wait_budget(grpc_timeout(request.metadata()));
+        let wait_until = Mono::now() + budget;
+        let unavailable_until = Mono::now() + budget.min(UNAVAILABLE_WAIT);
         let req = request.get_ref();
         let plan = validate_publish(req)?;
         loop {
-            match self.try_publish(req, &plan, wait_until).await {
+            match self
+                .try_publish(req, &plan, wait_until, unavailable_until)
+                .await
+            {
                 PublishAttempt::Done(result) => {
                     result?;
                     return Ok(Response::new(NodePublishVolumeResponse {}));
