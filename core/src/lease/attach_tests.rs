@@ -171,6 +171,57 @@ fn rows() -> Vec<Row> {
             t0 + w,
             grant(AttachGrant::HolderSessionExpired),
         ),
+        // The out-of-service taint fences through the same records as the CLI (the
+        // controller's Node watch writes the node's fence and marks its claims): the
+        // gate cannot tell the two apart, and must not need to.
+        row(
+            "fenced by the out-of-service taint: the claim marked fenced",
+            "n2",
+            Some(&claim(a.clone(), ClaimState::Fenced, 4)),
+            seen("7", t0),
+            true,
+            t0,
+            grant(AttachGrant::Fenced),
+        ),
+        row(
+            "fenced by the out-of-service taint: fence written, claim not yet marked",
+            "n2",
+            Some(&held),
+            seen("7", t0),
+            true,
+            t0,
+            grant(AttachGrant::HolderNodeFenced),
+        ),
+        // A holder pod that is gone is not an input: its node's plugin releases the
+        // claim (NodeUnpublishVolume, or its gone-pod check once it can prove the mounts
+        // dead), and until it does, a live session means the old pod may still write.
+        row(
+            "holder pod gone, its node alive (session renewing): refused until released",
+            "n2",
+            Some(&held),
+            seen("8", t0),
+            false,
+            t0 + w / 2,
+            refuse(w / 2, w - w / 2),
+        ),
+        row(
+            "holder pod gone, then released by its node's plugin",
+            "n2",
+            Some(&claim(a.clone(), ClaimState::Released, 3)),
+            seen("8", t0),
+            false,
+            t0,
+            grant(AttachGrant::Released),
+        ),
+        row(
+            "holder pod gone, its node partitioned (session unrenewed for W)",
+            "n2",
+            Some(&held),
+            seen("8", t0),
+            false,
+            t0 + w,
+            grant(AttachGrant::HolderSessionExpired),
+        ),
         row(
             "holder's session gone entirely",
             "n2",
