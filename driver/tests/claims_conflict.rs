@@ -71,7 +71,8 @@ async fn second_pod_is_refused_while_the_first_holds_and_takes_over_at_once_on_r
         .expect_err("another pod on the same node");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(
-        err.message().contains("released when that pod's volume is unmounted"),
+        err.message()
+            .contains("released when that pod's volume is unmounted"),
         "{}",
         err.message()
     );

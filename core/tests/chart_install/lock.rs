@@ -301,7 +301,10 @@ pub async fn killed_plugin_pod(
         // Where the time went, for the record: kubelet's view of the volume.
         let volume_lines = node.log_lines_matching("kubelet", "kubernetes.io/csi");
         let start = volume_lines.len().saturating_sub(60);
-        println!("kubelet on the volume:\n{}", volume_lines[start..].join("\n"));
+        println!(
+            "kubelet on the volume:\n{}",
+            volume_lines[start..].join("\n")
+        );
     }
     assert!(
         enotconn.is_some(),

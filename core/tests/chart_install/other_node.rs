@@ -415,7 +415,12 @@ pub async fn moved_to_another_node(
         .unwrap();
     other.remove().await;
     node.resume_kubelet();
-    kubectl.run(&["taint", "nodes", node.name(), "node.kubernetes.io/out-of-service-"]);
+    kubectl.run(&[
+        "taint",
+        "nodes",
+        node.name(),
+        "node.kubernetes.io/out-of-service-",
+    ]);
     // The plugin on the old node kept its session, so the taint's fence stays until it
     // starts a new one (or an admin lifts it, as here).
     controller_cli(controller_bin, kubectl, &["unfence", "--node", node.name()]);

@@ -129,12 +129,12 @@
 
 mod fence;
 mod fs;
+mod fuse_mount;
 mod handles;
 mod inodes;
 mod io_ops;
 pub mod kernel_fence;
 mod meta_ops;
-mod fuse_mount;
 mod passthrough;
 mod sys;
 
