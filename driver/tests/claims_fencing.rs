@@ -350,7 +350,7 @@ async fn a_publish_during_a_short_store_outage_waits_for_the_store_instead_of_fa
     // kubelet doubles its pause after each failed mount: a publish that answered
     // UNAVAILABLE at once during a few seconds' outage would leave the pod waiting far
     // longer than the outage. It keeps asking (up to 10 s) and succeeds.
-    let mut p = pair("6s", "1s").await;
+    let p = pair("6s", "1s").await;
     let id = create_volume_in(&p.a.root, "pv-outage", &[("dataPath", "fuse")]);
     let ta = p.a.target();
     p.etcd.pause();
