@@ -78,6 +78,13 @@ impl LeaseStore for TimedStore {
         timed("list_claims", self.inner.list_claims()).await
     }
 
+    async fn list_claims_of_node(
+        &self,
+        node: &str,
+    ) -> Result<Vec<Versioned<ClaimRecord>>, StoreError> {
+        timed("list_claims_of_node", self.inner.list_claims_of_node(node)).await
+    }
+
     async fn put_claim(
         &self,
         record: &ClaimRecord,

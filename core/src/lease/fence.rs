@@ -40,7 +40,7 @@ pub async fn fence_node(
             Err(e) => return Err(e.into()),
         },
     }
-    for claim in store.list_claims().await? {
+    for claim in store.list_claims_of_node(node).await? {
         if claim.value.holder.node != node {
             continue;
         }

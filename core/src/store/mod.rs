@@ -92,6 +92,20 @@ pub trait LeaseStore: Send + Sync + 'static {
         volume_id: &str,
     ) -> Result<Option<Versioned<ClaimRecord>>, StoreError>;
     async fn list_claims(&self) -> Result<Vec<Versioned<ClaimRecord>>, StoreError>;
+    /// Every claim whose holder is on `node`, in any state: exactly the claims of
+    /// [`list_claims`](Self::list_claims) with `holder.node == node`. Fencing relies on
+    /// it missing none. The default filters `list_claims`; a backend that can select
+    /// by node reads less.
+    async fn list_claims_of_node(
+        &self,
+        node: &str,
+    ) -> Result<Vec<Versioned<ClaimRecord>>, StoreError> {
+        let all = self.list_claims().await?;
+        Ok(all
+            .into_iter()
+            .filter(|c| c.value.holder.node == node)
+            .collect())
+    }
     async fn put_claim(
         &self,
         record: &ClaimRecord,

@@ -19,6 +19,7 @@ pub async fn run(store: Arc<dyn LeaseStore>) {
     list_sessions_returns_exactly_one_nodes_sessions(&*store, &run_id).await;
     claims_are_compare_and_swap(&*store, &run_id).await;
     list_claims_returns_every_claim(&*store, &run_id).await;
+    list_claims_of_node_returns_exactly_that_nodes_claims(&*store, &run_id).await;
     odd_volume_ids_round_trip(&*store, &run_id).await;
     fences_are_compare_and_swap(&*store, &run_id).await;
     invalid_records_are_refused(&*store, &run_id).await;
@@ -243,6 +244,71 @@ async fn list_claims_returns_every_claim(store: &dyn LeaseStore, run: &str) {
         })
         .collect();
     assert_eq!(listed, written, "list_claims must return every claim");
+}
+
+/// Fencing relies on it: a claim of the node missed here would stay unfenced. Node
+/// names that are label values and ones that are not (too long), in every state, and
+/// claims that moved between them.
+async fn list_claims_of_node_returns_exactly_that_nodes_claims(store: &dyn LeaseStore, run: &str) {
+    let a = format!("{run}-node-a");
+    let b = format!("{run}-node-b.example");
+    let long = format!("{run}-{}", "l".repeat(70));
+    let mut expected: std::collections::BTreeMap<String, BTreeSet<_>> = Default::default();
+    let mut volume = 0;
+    for node in [&a, &b, &long] {
+        for (i, state) in [ClaimState::Held, ClaimState::Released, ClaimState::Fenced]
+            .into_iter()
+            .enumerate()
+        {
+            volume += 1;
+            let c = claim(
+                &format!("{run}-of-node-{volume}"),
+                node,
+                state,
+                i as u64 + 1,
+            );
+            let v = store.put_claim(&c, None).await.unwrap();
+            expected.entry(node.clone()).or_default().insert((
+                c.volume_id.clone(),
+                v,
+                format!("{state:?}"),
+            ));
+        }
+    }
+    // Claims that changed node: a → b, a → long, long → a.
+    for (from, to) in [(&a, &b), (&a, &long), (&long, &a)] {
+        volume += 1;
+        let id = format!("{run}-of-node-{volume}");
+        let first = claim(&id, from, ClaimState::Held, 1);
+        let v1 = store.put_claim(&first, None).await.unwrap();
+        let moved = claim(&id, to, ClaimState::Held, 2);
+        let v2 = store.put_claim(&moved, Some(&v1)).await.unwrap();
+        expected
+            .entry(to.clone())
+            .or_default()
+            .insert((id, v2, format!("{:?}", ClaimState::Held)));
+    }
+    for node in [&a, &b, &long, &format!("{run}-node-none")] {
+        let listed: BTreeSet<_> = store
+            .list_claims_of_node(node)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| {
+                assert_eq!(&c.value.holder.node, node, "a claim of another node");
+                (
+                    c.value.volume_id.clone(),
+                    c.version,
+                    format!("{:?}", c.value.state),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            expected.remove(node).unwrap_or_default(),
+            "list_claims_of_node({node}) must return exactly that node's claims"
+        );
+    }
 }
 
 async fn odd_volume_ids_round_trip(store: &dyn LeaseStore, run: &str) {

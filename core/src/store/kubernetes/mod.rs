@@ -73,6 +73,8 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "holdfast";
 /// The default bound on one store call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Objects per page of a list (see [`KubernetesStore::with_page_size`]).
+pub const LIST_PAGE_SIZE: u32 = 500;
 
 /// A [`LeaseStore`] on Lease objects in one namespace. Cheap to clone.
 #[derive(Clone)]
@@ -80,6 +82,7 @@ pub struct KubernetesStore {
     leases: Api<Lease>,
     namespace: String,
     timeout: Duration,
+    page_size: u32,
 }
 
 impl KubernetesStore {
@@ -88,12 +91,19 @@ impl KubernetesStore {
             leases: Api::namespaced(client, namespace),
             namespace: namespace.to_string(),
             timeout: DEFAULT_TIMEOUT,
+            page_size: LIST_PAGE_SIZE,
         }
     }
 
     /// Bounds every call by `timeout` instead of [`DEFAULT_TIMEOUT`].
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Lists in pages of `size` objects (at least 1) instead of [`LIST_PAGE_SIZE`].
+    pub fn with_page_size(mut self, size: u32) -> Self {
+        self.page_size = size.max(1);
         self
     }
 
@@ -126,30 +136,70 @@ impl KubernetesStore {
         Ok(Some(Versioned { value, version }))
     }
 
-    /// Every record of `kind` (and `node`, when it is a label value); one malformed
-    /// object fails the whole list.
+    /// Every record of `kind` that also matches `selector` (label selector terms, if
+    /// any); one malformed object fails the whole list.
+    ///
+    /// Read in pages of [`LIST_PAGE_SIZE`] objects with continue tokens, each page
+    /// decoded and dropped before the next is asked for, so the list never holds every
+    /// object's JSON (and managedFields) at once. The API server answers every page of
+    /// one list from the same resourceVersion, so the result is the snapshot one
+    /// unpaged list would have read. The whole list, every page, is bounded by the
+    /// store's timeout; a continue token that expired (410 Gone, after an etcd
+    /// compaction) starts the list again from the first page.
     async fn list_records<T: StoredRecord>(
         &self,
         kind: &str,
-        node: Option<&str>,
+        selector: Option<&str>,
     ) -> Result<Vec<Versioned<T>>, StoreError> {
-        let mut selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY},{KIND_LABEL}={kind}");
-        if let Some(node) = node.filter(|n| is_label_value(n)) {
-            selector.push_str(&format!(",{NODE_LABEL}={node}"));
+        let mut selector_all = format!("{MANAGED_BY_LABEL}={MANAGED_BY},{KIND_LABEL}={kind}");
+        if let Some(terms) = selector {
+            selector_all.push(',');
+            selector_all.push_str(terms);
         }
-        let params = ListParams::default().labels(&selector);
-        let list = self
-            .bounded("list", None, self.leases.list(&params))
-            .await?;
-        list.items
-            .iter()
-            .map(|lease| {
-                let name = lease.metadata.name.clone().unwrap_or_default();
-                let (bytes, version) = record_of(lease, &name)?;
-                let value = codec::decode_listed(bytes.as_bytes(), &name, object_name)?;
-                Ok(Versioned { value, version })
-            })
-            .collect()
+        let selector = selector_all;
+        let pages = async {
+            let mut restarts = 0;
+            'list: loop {
+                let mut records = Vec::new();
+                let mut token: Option<String> = None;
+                loop {
+                    let mut params = ListParams::default()
+                        .labels(&selector)
+                        .limit(self.page_size);
+                    if let Some(t) = &token {
+                        params = params.continue_token(t);
+                    }
+                    let page = match self.leases.list(&params).await {
+                        Ok(page) => page,
+                        Err(kube::Error::Api(status))
+                            if status.code == 410 && token.is_some() && restarts < 3 =>
+                        {
+                            restarts += 1;
+                            continue 'list;
+                        }
+                        Err(e) => return Err(map_error("list", e)),
+                    };
+                    records.reserve(page.items.len());
+                    for lease in &page.items {
+                        let name = lease.metadata.name.as_deref().unwrap_or_default();
+                        let (bytes, version) = record_of(lease, name)?;
+                        let value = codec::decode_listed(bytes.as_bytes(), name, object_name)?;
+                        records.push(Versioned { value, version });
+                    }
+                    token = page.metadata.continue_.filter(|t| !t.is_empty());
+                    if token.is_none() {
+                        return Ok(records);
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, pages).await {
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "kubernetes list did not answer within {:?}",
+                self.timeout
+            ))),
+            Ok(result) => result,
+        }
     }
 
     async fn put_record<T: StoredRecord>(
@@ -339,7 +389,9 @@ impl LeaseStore for KubernetesStore {
     }
 
     async fn list_sessions(&self, node: &str) -> Result<Vec<Versioned<SessionRecord>>, StoreError> {
-        let all: Vec<Versioned<SessionRecord>> = self.list_records("session", Some(node)).await?;
+        let selector = is_label_value(node).then(|| format!("{NODE_LABEL}={node}"));
+        let all: Vec<Versioned<SessionRecord>> =
+            self.list_records("session", selector.as_deref()).await?;
         Ok(all.into_iter().filter(|s| s.value.node == node).collect())
     }
 
@@ -374,6 +426,33 @@ impl LeaseStore for KubernetesStore {
 
     async fn list_claims(&self) -> Result<Vec<Versioned<ClaimRecord>>, StoreError> {
         self.list_records("claim", None).await
+    }
+
+    /// Selected by the node label, which every claim Lease this store writes carries
+    /// when the holder's node name is a label value (from the store's first version on:
+    /// a create sets it, every conditional write sets or removes it with the record).
+    /// A node name that is no label value selects every unlabelled claim instead. Either
+    /// way the Leases without the label are read too and filtered by their record, so a
+    /// claim whose label is missing (written by hand, say) is still found.
+    async fn list_claims_of_node(
+        &self,
+        node: &str,
+    ) -> Result<Vec<Versioned<ClaimRecord>>, StoreError> {
+        let mut claims: Vec<Versioned<ClaimRecord>> = Vec::new();
+        if is_label_value(node) {
+            let labelled = format!("{NODE_LABEL}={node}");
+            claims = self.list_records("claim", Some(&labelled)).await?;
+        }
+        let unlabelled = format!("!{NODE_LABEL}");
+        let more: Vec<Versioned<ClaimRecord>> =
+            self.list_records("claim", Some(&unlabelled)).await?;
+        claims.retain(|c| c.value.holder.node == node);
+        for claim in more.into_iter().filter(|c| c.value.holder.node == node) {
+            // Read twice only if its label went between the two lists: keep the later.
+            claims.retain(|c| c.value.volume_id != claim.value.volume_id);
+            claims.push(claim);
+        }
+        Ok(claims)
     }
 
     async fn put_claim(
@@ -419,5 +498,33 @@ impl LeaseStore for KubernetesStore {
     async fn delete_fence(&self, node: &str, expected: &Version) -> Result<(), StoreError> {
         self.delete_record(RecordKey::Fence(node.to_string()), expected)
             .await
+    }
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::testkit::conformance;
+    use crate::testkit::kube::{ControlPlane, ControlPlaneOptions};
+
+    /// Every list of the suite spans pages of two objects: the continue tokens are
+    /// followed to the end and the pages add up to the one snapshot.
+    #[tokio::test]
+    async fn conforms_on_a_real_api_server_with_lists_in_pages_of_two() {
+        let options = ControlPlaneOptions::default();
+        let Some(plane) = ControlPlane::start_or_skip("paged lists", options).await else {
+            return;
+        };
+        plane.ensure_namespace("holdfast").await;
+        let store = KubernetesStore::new(plane.admin().await, "holdfast")
+            .with_timeout(Duration::from_secs(10))
+            .with_page_size(2);
+        conformance::run(Arc::new(store.clone())).await;
+        assert!(
+            store.list_claims().await.unwrap().len() > 2,
+            "several pages"
+        );
     }
 }
