@@ -1,5 +1,5 @@
-//! The controller's Prometheus metrics (prometheus-client) and the `/metrics` endpoint
-//! that serves them (hyper, HTTP/1.1, already in the tree under tonic and kube).
+//! The controller's Prometheus metrics (prometheus-client), served on `/metrics` by
+//! [`holdfast_core::metrics_http`] (shared with the node plugin).
 //!
 //! One registry per process ([`metrics`]): the attach gate, the node watch, the leader
 //! elector and the store wrapper each bump their own series; nothing here decides
@@ -16,20 +16,15 @@
 //! | `claims` | gauge | `state`: `held`, `released`, `fenced`, `expired` (held, holder's lease judged expired); set by the leader's expiry sweep, absent on followers |
 //! | `takeover_seconds` | histogram | none: see [`observe_takeover`] |
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 type Label = [(&'static str, &'static str); 1];
@@ -221,92 +216,20 @@ pub fn observe_takeover(seconds: f64) {
 }
 
 /// `--metrics-address`: `:9809` (every interface), `host:port`, or empty / `0` for off.
-pub fn parse_address(text: &str) -> Result<Option<SocketAddr>, String> {
-    let text = text.trim();
-    if text.is_empty() || text == "0" {
-        return Ok(None);
-    }
-    let full = match text.strip_prefix(':') {
-        Some(port) => format!("0.0.0.0:{port}"),
-        None => text.to_string(),
-    };
-    full.parse().map(Some).map_err(|e| {
-        format!("{text:?} is not an address to listen on (e.g. :9809, 127.0.0.1:9809, or 0 for off): {e}")
-    })
-}
+pub use holdfast_core::metrics_http::parse_address;
 
 /// Binds `address` now (so a taken port stops the controller at start, naming it), and
 /// serves `GET /metrics` on it until `stop` turns true.
 pub async fn serve(
     address: SocketAddr,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(address).await?;
-    tracing::info!(address = %listener.local_addr()?, "serving metrics on /metrics");
-    Ok(tokio::spawn(async move {
-        loop {
-            let (stream, _) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(err) => {
-                        tracing::warn!(%err, "metrics: accept failed");
-                        continue;
-                    }
-                },
-                _ = stop.wait_for(|s| *s) => return,
-            };
-            let io = hyper_util::rt::TokioIo::new(stream);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(answer);
-                if let Err(err) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await
-                {
-                    tracing::debug!(%err, "metrics: connection ended with an error");
-                }
-            });
-        }
-    }))
-}
-
-async fn answer(
-    request: Request<hyper::body::Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let response = if request.uri().path() == "/metrics" {
-        Response::builder()
-            .header(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-            .body(Full::new(Bytes::from(metrics().render())))
-    } else {
-        Response::builder()
-            .status(StatusCode::NOT_FOUND)
-            .body(Full::new(Bytes::from_static(
-                b"only /metrics is served here\n",
-            )))
-    };
-    Ok(response.expect("a response built from valid parts"))
+    holdfast_core::metrics_http::serve(address, Arc::new(|| metrics().render()), stop).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses() {
-        assert_eq!(parse_address("").unwrap(), None);
-        assert_eq!(parse_address("0").unwrap(), None);
-        assert_eq!(
-            parse_address(":9809").unwrap(),
-            Some("0.0.0.0:9809".parse().unwrap())
-        );
-        assert_eq!(
-            parse_address("127.0.0.1:1234").unwrap(),
-            Some("127.0.0.1:1234".parse().unwrap())
-        );
-        assert!(parse_address("nonsense").is_err());
-    }
 
     #[test]
     fn series_render_with_their_labels() {

@@ -16,6 +16,7 @@ pub mod csi;
 pub mod lease;
 pub mod lease_config;
 pub mod logging;
+pub mod metrics_http;
 pub mod sim;
 pub mod store;
 #[cfg(feature = "testkit")]

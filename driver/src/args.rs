@@ -3,6 +3,7 @@
 //! combination and fills in mode-dependent defaults, producing the [`Config`] the
 //! plugin runs with.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ pub enum ArgsError {
     StateDir(PathBuf),
     #[error(transparent)]
     Lease(#[from] LeaseConfigError),
+    #[error("--metrics-address: {0}")]
+    MetricsAddress(String),
     #[error("the hostname could not be read for the default --node-id: {0}")]
     Hostname(String),
 }
@@ -116,7 +119,16 @@ pub struct Args {
         value_name = "DURATION"
     )]
     pub release_gone_pods_after: Duration,
+
+    /// Where to serve Prometheus metrics on `/metrics`: `:PORT` (every interface),
+    /// `host:port`, or `0` for off. Defaults to `:9810` (the DaemonSet's sidecars use
+    /// 9808 and 9809 on the host network), and to off with --standalone.
+    #[arg(long, env = "HOLDFAST_METRICS_ADDRESS", value_name = "ADDRESS")]
+    pub metrics_address: Option<String>,
 }
+
+/// `--metrics-address` outside --standalone, unless given.
+pub const DEFAULT_METRICS_ADDRESS: &str = ":9810";
 
 /// A duration as `--lease-duration` takes it, or zero (`0`, `0s`): off.
 fn parse_bound(text: &str) -> Result<Duration, String> {
@@ -145,6 +157,8 @@ pub struct Config {
     pub restart_pods_on_data_path_loss: bool,
     /// Zero: off.
     pub release_gone_pods_after: Duration,
+    /// `None`: no metrics endpoint.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 impl Args {
@@ -170,6 +184,13 @@ impl Args {
         if !self.state_dir.is_absolute() {
             return Err(ArgsError::StateDir(self.state_dir));
         }
+        let metrics_address = match (&self.metrics_address, self.standalone) {
+            (Some(text), _) => text.as_str(),
+            (None, true) => "0",
+            (None, false) => DEFAULT_METRICS_ADDRESS,
+        };
+        let metrics_address = holdfast_core::metrics_http::parse_address(metrics_address)
+            .map_err(ArgsError::MetricsAddress)?;
         let default_store = if self.standalone {
             LeaseStoreKind::Memory
         } else {
@@ -188,6 +209,7 @@ impl Args {
             fuse_passthrough: self.fuse_passthrough,
             restart_pods_on_data_path_loss: self.restart_pods_on_data_path_loss,
             release_gone_pods_after: self.release_gone_pods_after,
+            metrics_address,
         })
     }
 }
@@ -222,6 +244,27 @@ mod tests {
         assert!(!config.standalone);
         assert!(config.restart_pods_on_data_path_loss);
         assert_eq!(config.release_gone_pods_after, Duration::from_secs(30));
+        assert_eq!(
+            config.metrics_address,
+            Some("0.0.0.0:9810".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn metrics_are_served_by_default_except_standalone() {
+        let standalone = args(&["--standalone"]).resolve(None, || Ok("box".into()));
+        assert_eq!(standalone.unwrap().metrics_address, None);
+        let config = args(&["--standalone", "--metrics-address", "127.0.0.1:1234"])
+            .resolve(None, || Ok("box".into()))
+            .unwrap();
+        assert_eq!(
+            config.metrics_address,
+            Some("127.0.0.1:1234".parse().unwrap())
+        );
+        let off = args(&["--node-id", "n", "--metrics-address", "0"]).resolve(None, no_host);
+        assert_eq!(off.unwrap().metrics_address, None);
+        let bad = args(&["--node-id", "n", "--metrics-address", "nowhere"]).resolve(None, no_host);
+        assert!(matches!(bad, Err(ArgsError::MetricsAddress(_))), "{bad:?}");
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod args;
 pub mod csi;
 pub mod datapath;
 pub mod lock;
+pub mod metrics;
 pub mod plugin;
 pub mod publish;
 

@@ -35,7 +35,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use holdfast_core::backend::{Backend, BackendError, VolumeId};
 use holdfast_core::csi::identity::{IdentityService, Readiness};
@@ -45,6 +45,7 @@ use holdfast_core::lease::{
     DataPaths, FenceCause, LeaseError, NodeIdentity, RecoveryReport, SessionLease, SessionOptions,
 };
 use holdfast_core::logging::{self, LoggingError};
+use holdfast_core::metrics_http;
 use holdfast_core::store::{self, StoreError};
 use tokio::sync::watch;
 use tonic::transport::Server;
@@ -55,6 +56,7 @@ use crate::csi::node::NodeService;
 use crate::lock::claims::{self, ClaimBook};
 use crate::lock::epoch_file::{self, EpochWrite};
 use crate::lock::{enforcer, gone_pods};
+use crate::metrics;
 use crate::publish::data_path_loss;
 use crate::publish::published::DataPathKind;
 use crate::publish::publisher::Publisher;
@@ -81,6 +83,11 @@ pub enum RunError {
     Session(#[source] LeaseError),
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error("cannot serve metrics on {address}: {source}")]
+    Metrics {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// How long a stop waits for a release of a gone pod's claim in progress.
@@ -122,6 +129,22 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     let survives: DataPathSurvives = Arc::new(move |claim| surviving.contains(&claim.volume_id));
     // Before anything is served: every FUSE target in the table now was a predecessor's.
     let orphaned_fuse = publisher.orphaned_fuse_targets();
+    // Bound before the session starts, so that a taken port stops the plugin before it
+    // holds anything; the claim gauges appear once the book exists.
+    let (stop_metrics, metrics_stopped) = watch::channel(false);
+    let metrics_book = Arc::new(OnceLock::new());
+    let metrics_task = match config.metrics_address {
+        Some(address) => Some(
+            metrics_http::serve(
+                address,
+                metrics::renderer(metrics_book.clone()),
+                metrics_stopped,
+            )
+            .await
+            .map_err(|source| RunError::Metrics { address, source })?,
+        ),
+        None => None,
+    };
     let lease_store = store::connect(config.store.clone()).await?;
     let identity = NodeIdentity::of_this_machine(&config.node_id).map_err(RunError::Session)?;
     let session = SessionLease::start_with(
@@ -138,6 +161,7 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     let session = Arc::new(session);
     log_recovery(session.recovery());
     let (book, release_queue) = ClaimBook::new(session.clone());
+    let _ = metrics_book.set(book.clone());
     adopt_bind_claims(&book, &publisher, session.recovery()).await;
     // Runs to its end on its own; the process exiting first only cuts it short.
     tokio::spawn(data_path_loss::run(
@@ -201,6 +225,10 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     // the session stop.
     let _ = stop_enforcer.send(true);
     let _ = enforcer_task.await;
+    let _ = stop_metrics.send(true);
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     // Stops at its next wake-up; an attempt in progress (bounded API calls, one scan,
     // the unmounts) finishes first, so a release is not cut short between the unmount
     // and the store. Bounded, so that a stuck unmount cannot keep the process alive.

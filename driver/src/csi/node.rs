@@ -32,6 +32,7 @@ use crate::lock::lock_request::{check_context, pod_name, pod_uid};
 pub use crate::lock::lock_request::{
     grpc_timeout, wait_budget, DEFAULT_WAIT, MAX_WAIT, POD_UID_KEY,
 };
+use crate::metrics;
 use crate::publish::published::{DataPathKind, PublishedTable};
 use crate::publish::publisher::{PublishPlan, Publisher, TargetUsage};
 
@@ -130,9 +131,43 @@ fn stats_response(usage: TargetUsage) -> NodeGetVolumeStatsResponse {
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
 ) -> Result<T, Status> {
+    blocking_node(work).await.map_err(Status::from)
+}
+
+/// [`blocking`], keeping the [`NodeError`] (for the refusal reason of a publish).
+async fn blocking_node<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
     match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result.map_err(Status::from),
-        Err(e) => Err(NodeError::Task(e.to_string()).into()),
+        Ok(result) => result,
+        Err(e) => Err(NodeError::Task(e.to_string())),
+    }
+}
+
+/// A publish that failed: the status kubelet gets, and the reason
+/// [`crate::metrics`] counts it under.
+struct Refused {
+    status: Status,
+    reason: &'static str,
+}
+
+impl From<NodeError> for Refused {
+    fn from(e: NodeError) -> Self {
+        Refused {
+            reason: metrics::refusal_reason(&e),
+            status: Status::from(e),
+        }
+    }
+}
+
+/// A failure already turned into a status (request validation, volume lookup).
+impl From<Status> for Refused {
+    fn from(status: Status) -> Self {
+        let reason = match status.code() {
+            tonic::Code::InvalidArgument => "invalid",
+            _ => "error",
+        };
+        Refused { status, reason }
     }
 }
 
@@ -223,13 +258,13 @@ const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 /// One try at a publish: done (either way), or refused because another pod holds the
 /// volume while the caller may still wait.
 enum PublishAttempt {
-    Done(Result<(), Status>),
+    Done(Result<(), Refused>),
     HeldRetryAfter(std::time::Duration),
 }
 
 impl NodeService {
     /// Publishes under the volume's lock, asking for the claim without waiting. A
-    /// waiting publish (`onConflict: wait`) retries from [`Node::node_publish_volume`]
+    /// waiting publish (`onConflict: wait`) retries from [`NodeService::publish`]
     /// with the lock released in between: the holder may be a pod on this very node,
     /// whose NodeUnpublishVolume needs the same lock to release the claim. The lease
     /// client keeps its observations of the holder's session across tries, so a
@@ -245,95 +280,92 @@ impl NodeService {
         let _guard = self.publisher.locks.lock(&id).await;
         let meta = match self.volume_meta(&plan.volume).await {
             Ok(meta) => meta,
-            Err(status) => return PublishAttempt::Done(Err(status)),
+            Err(status) => return PublishAttempt::Done(Err(status.into())),
         };
         if let Err(e) = check_context(&meta.params, &req.volume_context) {
-            return PublishAttempt::Done(Err(Status::from(e)));
+            return PublishAttempt::Done(Err(e.into()));
         }
-        let (gate, claim_taken) =
-            if meta.params.exclusive {
-                let pod_uid = match (
-                    pod_uid(&id, &req.volume_context),
-                    &self.holder_without_pod_info,
-                ) {
-                    (Ok(uid), _) => uid,
-                    (Err(_), Some(holder)) => holder.clone(),
-                    (Err(e), None) => return PublishAttempt::Done(Err(Status::from(e))),
-                };
-                let publisher = self.publisher.clone();
-                let volume = plan.volume.clone();
-                let paths = blocking(move || {
-                    let backend = publisher.backend();
-                    Ok((backend.epoch_file(&volume)?, backend.data_dir(&volume)?))
+        let (gate, claim_taken) = if meta.params.exclusive {
+            let pod_uid = match (
+                pod_uid(&id, &req.volume_context),
+                &self.holder_without_pod_info,
+            ) {
+                (Ok(uid), _) => uid,
+                (Err(_), Some(holder)) => holder.clone(),
+                (Err(e), None) => return PublishAttempt::Done(Err(e.into())),
+            };
+            let publisher = self.publisher.clone();
+            let volume = plan.volume.clone();
+            let paths = blocking(move || {
+                let backend = publisher.backend();
+                Ok((backend.epoch_file(&volume)?, backend.data_dir(&volume)?))
+            })
+            .await;
+            let (epoch_file, data_dir) = match paths {
+                Ok(paths) => paths,
+                Err(status) => return PublishAttempt::Done(Err(status.into())),
+            };
+            let kind = match meta.params.data_path {
+                holdfast_core::backend::DataPath::Bind => DataPathKind::Bind,
+                holdfast_core::backend::DataPath::Fuse => DataPathKind::Fuse,
+            };
+            let acquired = self
+                .claims
+                .acquire(ClaimRequest {
+                    volume_id: id.clone(),
+                    pod_uid,
+                    pod: pod_name(&req.volume_context),
+                    kind,
+                    epoch_file,
+                    data_dir,
                 })
                 .await;
-                let (epoch_file, data_dir) = match paths {
-                    Ok(paths) => paths,
-                    Err(status) => return PublishAttempt::Done(Err(status)),
-                };
-                let kind = match meta.params.data_path {
-                    holdfast_core::backend::DataPath::Bind => DataPathKind::Bind,
-                    holdfast_core::backend::DataPath::Fuse => DataPathKind::Fuse,
-                };
-                let acquired = self
-                    .claims
-                    .acquire(ClaimRequest {
-                        volume_id: id.clone(),
-                        pod_uid,
-                        pod: pod_name(&req.volume_context),
-                        kind,
-                        epoch_file,
-                        data_dir,
-                    })
-                    .await;
-                match acquired {
-                    Ok((claim, taken)) => (claim.gate.clone(), taken),
-                    Err(NodeError::Held {
-                        volume, pod, node, ..
-                    }) if node == self.node_id => {
-                        return PublishAttempt::Done(Err(Status::from(
-                            NodeError::HeldOnThisNode { volume, pod, node },
-                        )));
+            match acquired {
+                Ok((claim, taken)) => (claim.gate.clone(), taken),
+                Err(NodeError::Held {
+                    volume, pod, node, ..
+                }) if node == self.node_id => {
+                    return PublishAttempt::Done(Err(NodeError::HeldOnThisNode {
+                        volume,
+                        pod,
+                        node,
                     }
-                    Err(NodeError::Held { .. })
-                        if meta.params.on_conflict == OnConflict::Wait
-                            && Mono::now() + WAIT_POLL < wait_until =>
-                    {
-                        return PublishAttempt::HeldRetryAfter(WAIT_POLL);
-                    }
-                    // The store is slow or this node's session is not yet (or no longer)
-                    // live: ask again for a little while rather than answer at once.
-                    // kubelet doubles its retry pause after every failed mount, so a
-                    // plugin that just started would otherwise leave its first pods
-                    // waiting up to a minute after its session is up.
-                    Err(NodeError::LeaseUnavailable { .. })
-                        if Mono::now() + WAIT_POLL < unavailable_until =>
-                    {
-                        return PublishAttempt::HeldRetryAfter(WAIT_POLL);
-                    }
-                    Err(e) => return PublishAttempt::Done(Err(Status::from(e))),
+                    .into()));
                 }
-            } else {
-                (VolumeGate::unclaimed(), false)
-            };
+                Err(NodeError::Held { .. })
+                    if meta.params.on_conflict == OnConflict::Wait
+                        && Mono::now() + WAIT_POLL < wait_until =>
+                {
+                    return PublishAttempt::HeldRetryAfter(WAIT_POLL);
+                }
+                // The store is slow or this node's session is not yet (or no longer)
+                // live: ask again for a little while rather than answer at once.
+                // kubelet doubles its retry pause after every failed mount, so a
+                // plugin that just started would otherwise leave its first pods
+                // waiting up to a minute after its session is up.
+                Err(NodeError::LeaseUnavailable { .. })
+                    if Mono::now() + WAIT_POLL < unavailable_until =>
+                {
+                    return PublishAttempt::HeldRetryAfter(WAIT_POLL);
+                }
+                Err(e) => return PublishAttempt::Done(Err(e.into())),
+            }
+        } else {
+            (VolumeGate::unclaimed(), false)
+        };
         let publisher = self.publisher.clone();
         let plan = plan.clone();
-        let result = blocking(move || publisher.publish(&plan, gate)).await;
+        let result = blocking_node(move || publisher.publish(&plan, gate)).await;
         // A claim this call took is given back if nothing of the volume got mounted; one
         // the pod already held for another target stays with that target.
         if result.is_err() && claim_taken && self.publisher.table().targets(&id).is_empty() {
             self.claims.release(&id).await;
         }
-        PublishAttempt::Done(result)
+        PublishAttempt::Done(result.map_err(Refused::from))
     }
-}
 
-#[tonic::async_trait]
-impl Node for NodeService {
-    async fn node_publish_volume(
-        &self,
-        request: Request<NodePublishVolumeRequest>,
-    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+    /// A whole publish: its tries, until one is done or the caller may wait no more.
+    async fn publish(&self, request: &Request<NodePublishVolumeRequest>) -> Result<(), Refused> {
         let budget = wait_budget(grpc_timeout(request.metadata()));
         let wait_until = Mono::now() + budget;
         let unavailable_until = Mono::now() + budget.min(UNAVAILABLE_WAIT);
@@ -344,13 +376,25 @@ impl Node for NodeService {
                 .try_publish(req, &plan, wait_until, unavailable_until)
                 .await
             {
-                PublishAttempt::Done(result) => {
-                    result?;
-                    return Ok(Response::new(NodePublishVolumeResponse {}));
-                }
+                PublishAttempt::Done(result) => return result,
                 PublishAttempt::HeldRetryAfter(pause) => tokio::time::sleep(pause).await,
             }
         }
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        // Counted here, once per call: a waiting publish's retries are not refusals.
+        let result = self.publish(&request).await;
+        metrics::count_publish(result.as_ref().err().map(|refused| refused.reason));
+        result
+            .map(|()| Response::new(NodePublishVolumeResponse {}))
+            .map_err(|refused| refused.status)
     }
 
     async fn node_unpublish_volume(

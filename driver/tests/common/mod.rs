@@ -208,6 +208,9 @@ impl Plugin {
             .args(&self.extra_args)
             .env_remove("CSI_ENDPOINT")
             .env_remove("KUBE_NODE_NAME")
+            // No metrics endpoint unless a test asks (--metrics-address wins over this):
+            // the default port would be shared by every plugin of a test run.
+            .env("HOLDFAST_METRICS_ADDRESS", "0")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
