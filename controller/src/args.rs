@@ -108,12 +108,19 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_METRICS_ADDRESS", default_value = ":9809")]
     pub metrics_address: String,
 
-    /// How often the leader reads every claim to mark those whose holder's lease
-    /// expired (for `status` and events) and to update the claims gauge. Default: the
-    /// sessions' renewal interval D/3. `0` turns the sweep off (each sweep lists every
-    /// claim, which on a large store costs memory at each pass).
+    /// How often the leader looks for claims whose holder's lease expired, to mark them
+    /// (for `status` and events). Default: the sessions' renewal interval D/3. `0`
+    /// turns the sweep off. With --lease-store=etcd every sweep lists every claim; with
+    /// kubernetes the sessions come from a watch of their Lease objects and a sweep
+    /// reads only the claims of nodes whose session went silent (see
+    /// --expiry-full-every).
     #[arg(long, env = "HOLDFAST_EXPIRY_INTERVAL", value_parser = parse_zero_or_duration)]
     pub expiry_interval: Option<Duration>,
+
+    /// With --lease-store=kubernetes: every how many sweeps one reads every claim
+    /// anyway (and updates the claims gauge, which only such sweeps can count).
+    #[arg(long, env = "HOLDFAST_EXPIRY_FULL_EVERY", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub expiry_full_every: u32,
 }
 
 impl ServeArgs {

@@ -19,8 +19,24 @@
 //! `takeover_seconds` histogram (see [`crate::metrics`]). Only the leader sweeps; the
 //! timers live in this process's memory and start afresh after a restart or a
 //! leadership change, which can delay a mark, never hasten one.
+//!
+//! With the kubernetes lease store the sweep takes its sessions from a watch
+//! ([`ExpiryWatch::with_session_watch`], [`crate::kubernetes::lease_watch`]) instead of
+//! listing every claim at every pass: each session's resourceVersion is timed on its
+//! first sighting in the watch's cache, exactly as a read would be, and only the
+//! claims of nodes with a session silent for `W` (plus the claims this process saw
+//! expired or marked, until they are not) are read, by
+//! [`LeaseStore::list_claims_of_node`]. The timer stays periodic: the absence of a
+//! renewal is no event. A watch can lag, and a lagging watch makes a renewing session
+//! look silent; so nothing is written on the watch's word: every claim so found is
+//! judged again with a fresh `get_session` read (a newer version restarts its timer),
+//! and the mark is written with a compare-and-swap on the claim version read. Every
+//! `full_every`-th pass (and the first one after becoming leader, or whenever the watch
+//! is listing again) reads every claim as before; only those passes set the `claims`
+//! gauge. With etcd the sweep keeps listing: its records are no Lease objects, and an
+//! etcd watch on the session prefix would be the analogue, not built yet.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +51,7 @@ use holdfast_core::store::{LeaseStore, StoreError, Versioned};
 use tokio::sync::watch;
 
 use crate::kubernetes::leader::Leadership;
+use crate::kubernetes::lease_watch::SessionCache;
 use crate::metrics;
 
 /// Why a sweep could not be made at all (a single claim's failure only skips it).
@@ -63,6 +80,9 @@ pub struct SweepReport {
     pub takeovers: Vec<(String, Duration)>,
     /// Claims skipped because a store call failed (tried again at the next sweep).
     pub skipped: usize,
+    /// Every claim was read (the counts above cover them all); otherwise the sessions
+    /// came from the watch and only the claims of nodes judged expired were read.
+    pub full: bool,
 }
 
 /// The last sighting of a held claim.
@@ -74,7 +94,12 @@ struct Sighting {
     silent_since: Option<Mono>,
     /// The holder's session was judged expired at that sighting.
     judged_expired: bool,
+    /// The claim carried a mark, or was counted expired (looked at again until not).
+    marked: bool,
 }
+
+/// A node's name.
+type Node = String;
 
 /// What one sweep has read so far.
 #[derive(Default)]
@@ -91,6 +116,10 @@ pub struct ExpiryWatch {
     leadership: Leadership,
     seen: Observations,
     sightings: HashMap<String, Sighting>,
+    /// The session watch, and every how many passes all claims are read anyway.
+    watched: Option<(SessionCache, u32)>,
+    /// Passes since the last full one (`None`: the next is full).
+    since_full: Option<u32>,
 }
 
 impl ExpiryWatch {
@@ -108,7 +137,17 @@ impl ExpiryWatch {
             leadership,
             seen: Observations::default(),
             sightings: HashMap::new(),
+            watched: None,
+            since_full: None,
         }
+    }
+
+    /// Takes the sessions from `cache` (the kubernetes store's session watch) and
+    /// reads only the claims of nodes judged expired, all claims every `full_every`-th
+    /// pass (at least 1: every pass).
+    pub fn with_session_watch(mut self, cache: SessionCache, full_every: u32) -> Self {
+        self.watched = Some((cache, full_every.max(1)));
+        self
     }
 
     /// Sweeps every `interval` while this replica leads, until `stop` turns true.
@@ -117,12 +156,15 @@ impl ExpiryWatch {
             if self.leadership.is_leading() {
                 match self.sweep().await {
                     Ok(report) => {
-                        metrics::set_claims(
-                            report.held,
-                            report.released,
-                            report.fenced,
-                            report.expired,
-                        );
+                        // Only a pass over every claim counts them all.
+                        if report.full {
+                            metrics::set_claims(
+                                report.held,
+                                report.released,
+                                report.fenced,
+                                report.expired,
+                            );
+                        }
                         for (volume, waited) in &report.takeovers {
                             tracing::info!(volume, waited = ?waited, "claim taken over after its holder's lease expired");
                             metrics::observe_takeover(waited.as_secs_f64());
@@ -136,6 +178,7 @@ impl ExpiryWatch {
                 // Timers restart when this replica leads again (never hastening a mark).
                 self.seen = Observations::default();
                 self.sightings.clear();
+                self.since_full = None;
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
@@ -144,33 +187,140 @@ impl ExpiryWatch {
         }
     }
 
-    /// One pass over every claim.
+    /// One pass: over every claim, or, with a synced session watch between full
+    /// passes, over the claims of nodes judged expired.
     pub async fn sweep(&mut self) -> Result<SweepReport, ExpiryError> {
-        let claims = self.store.list_claims().await.map_err(ExpiryError::List)?;
+        if let Some((cache, full_every)) = &self.watched {
+            let due = self.since_full.is_none_or(|n| n + 1 >= *full_every);
+            if let (false, Some(sessions)) = (due, cache.snapshot()) {
+                self.since_full = self.since_full.map(|n| n + 1);
+                return Ok(self.sweep_watched(sessions).await);
+            }
+        }
+        let report = self.sweep_all().await?;
+        self.since_full = Some(0);
+        Ok(report)
+    }
+
+    /// The sessions from the watch: times each version on its first sighting there,
+    /// then reads the claims of every node with a session silent for `W`, and of every
+    /// node where the last passes found a claim expired or marked; a claim seen expired
+    /// before that is no longer on its node is read by itself (taken over, released).
+    async fn sweep_watched(&mut self, sessions: Vec<Versioned<SessionRecord>>) -> SweepReport {
         let mut report = SweepReport::default();
+        // Read after the answer: a version first seen now was written before now.
+        let now = Mono::now();
+        let wait = self.params.takeover_wait();
+        let mut nodes = BTreeSet::new();
+        for s in &sessions {
+            let view = self
+                .seen
+                .sessions
+                .observe(&s.value.key(), Some(&s.version), now);
+            if let SessionView::Seen { first_seen, .. } = view {
+                if now.since(first_seen) >= wait {
+                    nodes.insert(s.value.node.clone());
+                }
+            }
+        }
+        let previous: Vec<(String, Node)> = self
+            .sightings
+            .iter()
+            .filter(|(_, s)| s.judged_expired || s.marked)
+            .map(|(v, s)| (v.clone(), s.holder.node.clone()))
+            .collect();
+        nodes.extend(previous.iter().map(|(_, node)| node.clone()));
+        let mut reads = Reads::default();
+        let mut sighted: HashMap<String, Sighting> = HashMap::new();
+        let mut visited = BTreeSet::new();
+        for node in &nodes {
+            let claims = match self.store.list_claims_of_node(node).await {
+                Ok(claims) => claims,
+                Err(err) => {
+                    tracing::debug!(node, %err, "expiry sweep skipped a node's claims");
+                    report.skipped += 1;
+                    // Keep what was known of them; the next sweep looks again.
+                    for (volume, s) in &self.sightings {
+                        if &s.holder.node == node {
+                            visited.insert(volume.clone());
+                            sighted.insert(volume.clone(), s.clone());
+                        }
+                    }
+                    continue;
+                }
+            };
+            for claim in claims {
+                visited.insert(claim.value.volume_id.clone());
+                self.count(claim, &mut reads, &mut report, &mut sighted)
+                    .await;
+            }
+        }
+        for (volume, _) in previous {
+            if visited.contains(&volume) {
+                continue;
+            }
+            visited.insert(volume.clone());
+            match self.store.get_claim(&volume).await {
+                Ok(Some(claim)) => {
+                    self.count(claim, &mut reads, &mut report, &mut sighted)
+                        .await
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::debug!(volume, %err, "expiry sweep skipped a claim");
+                    report.skipped += 1;
+                    if let Some(old) = self.sightings.get(&volume) {
+                        sighted.insert(volume, old.clone());
+                    }
+                }
+            }
+        }
+        self.sightings = sighted;
+        report
+    }
+
+    /// Counts one claim read, judging it if held; its sighting goes into `sighted`.
+    async fn count(
+        &mut self,
+        claim: Versioned<ClaimRecord>,
+        reads: &mut Reads,
+        report: &mut SweepReport,
+        sighted: &mut HashMap<String, Sighting>,
+    ) {
+        let volume = claim.value.volume_id.clone();
+        match claim.value.state {
+            ClaimState::Released => report.released += 1,
+            ClaimState::Fenced => report.fenced += 1,
+            ClaimState::Held => match self.held(claim, reads, report).await {
+                Ok(sighting) => {
+                    sighted.insert(volume, sighting);
+                }
+                Err(err) => {
+                    tracing::debug!(volume, %err, "expiry sweep skipped a claim");
+                    report.skipped += 1;
+                    // Keep what was known; the next sweep looks again.
+                    if let Some(old) = self.sightings.get(&volume) {
+                        sighted.insert(volume, old.clone());
+                    }
+                }
+            },
+        }
+    }
+
+    /// One pass over every claim.
+    async fn sweep_all(&mut self) -> Result<SweepReport, ExpiryError> {
+        let claims = self.store.list_claims().await.map_err(ExpiryError::List)?;
+        let mut report = SweepReport {
+            full: true,
+            ..SweepReport::default()
+        };
         // Read once per sweep: many claims hang off one session, and a node's claims
         // share its fence, so a sweep costs one list plus O(sessions + nodes) reads.
         let mut reads = Reads::default();
         let mut sighted = HashMap::new();
         for claim in claims {
-            let volume = claim.value.volume_id.clone();
-            match claim.value.state {
-                ClaimState::Released => report.released += 1,
-                ClaimState::Fenced => report.fenced += 1,
-                ClaimState::Held => match self.held(claim, &mut reads, &mut report).await {
-                    Ok(sighting) => {
-                        sighted.insert(volume, sighting);
-                    }
-                    Err(err) => {
-                        tracing::debug!(volume, %err, "expiry sweep skipped a claim");
-                        report.skipped += 1;
-                        // Keep what was known; the next sweep looks again.
-                        if let Some(old) = self.sightings.remove(&volume) {
-                            sighted.insert(volume, old);
-                        }
-                    }
-                },
-            }
+            self.count(claim, &mut reads, &mut report, &mut sighted)
+                .await;
         }
         self.sightings = sighted;
         Ok(report)
@@ -272,6 +422,7 @@ impl ExpiryWatch {
                 .filter(|p| p.holder.is_same_pod(&record.holder))
                 .and_then(|p| p.silent_since)),
             judged_expired: expired,
+            marked: judged_expired || record.expired.is_some(),
         })
     }
 
@@ -402,5 +553,62 @@ mod tests {
         // Marked once: later sweeps keep it and count the claim expired.
         let again = leader.sweep().await.unwrap();
         assert_eq!((again.expired, again.marked.len()), (1, 0));
+    }
+
+    /// A watch that lags (here: never delivers a renewal) makes a renewing holder look
+    /// silent; the fresh read before any mark sees the renewals, so nothing is marked.
+    #[tokio::test]
+    async fn a_lagging_watch_never_marks_a_renewing_holder() {
+        let store = silent_holder().await;
+        let stale = store
+            .get_session(&SessionKey {
+                node: "n1".into(),
+                instance: "i1".into(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let cache = SessionCache::new();
+        cache.replace([("s".to_string(), stale.clone())]);
+        let mut leader =
+            ExpiryWatch::new(store.clone(), params(), "l".into(), Leadership::always())
+                .with_session_watch(cache.clone(), u32::MAX);
+        assert!(
+            leader.sweep().await.unwrap().full,
+            "the first pass reads every claim"
+        );
+        let mut session = stale;
+        let until = Mono::now() + params().takeover_wait() * 3;
+        let mut looked = 0;
+        while Mono::now() < until {
+            // The holder renews; the watch never says so.
+            session.value.renewals += 1;
+            session.version = store
+                .put_session(&session.value, Some(&session.version))
+                .await
+                .unwrap();
+            let report = leader.sweep().await.unwrap();
+            assert!(!report.full);
+            assert!(report.marked.is_empty(), "{report:?}");
+            looked += report.held;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            looked > 0,
+            "the stale watch made the sweep look at the claim"
+        );
+        assert_eq!(
+            store.get_claim("vol").await.unwrap().unwrap().value.expired,
+            None
+        );
+        // The holder stops and the watch catches up: marked once silent for W.
+        cache.replace([("s".to_string(), session)]);
+        assert!(leader.sweep().await.unwrap().marked.is_empty());
+        tokio::time::sleep(params().takeover_wait() * 2).await;
+        let marked = leader.sweep().await.unwrap();
+        assert_eq!(
+            (marked.full, marked.marked.as_slice()),
+            (false, &["vol".to_string()][..])
+        );
     }
 }

@@ -13,7 +13,8 @@
 //! - [`args`]: the command line (serve by default; `fence`, `unfence`, `claims`,
 //!   `status`); [`admin`]: the admin verbs against the lease store, and their output;
 //!   [`status`]: the `status` verb, which reports only what it saw itself.
-//! - [`expiry`]: the leader's sweep that marks claims whose holder's lease expired.
+//! - [`expiry`]: the leader's sweep that marks claims whose holder's lease expired;
+//!   with the kubernetes store it takes the sessions from [`kubernetes::lease_watch`].
 //! - [`ControllerError`]: the crate's errors and their one mapping to gRPC codes.
 //! - [`metrics`]: the Prometheus series and the `/metrics` endpoint;
 //!   `timed_store` times every lease store call for them.
@@ -46,6 +47,7 @@ use crate::expiry::ExpiryWatch;
 use crate::kubernetes::attach_watch::AttachWatch;
 use crate::kubernetes::events::Publisher;
 use crate::kubernetes::leader::{default_identity, Elector, LeaderConfigError, Leadership};
+use crate::kubernetes::lease_watch::{self, SessionCache};
 use crate::kubernetes::node_watch::NodeWatch;
 use crate::timed_store::TimedStore;
 use tokio::sync::watch;
@@ -174,7 +176,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
         );
     }
     tracing::info!(store = ?config, ?params, "lease settings checked");
-    let store = TimedStore::wrap(store::connect(config).await?);
+    let store = TimedStore::wrap(store::connect(config.clone()).await?);
 
     let (stop_tx, stop) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -224,7 +226,27 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
     if every.is_zero() {
         tracing::info!("--expiry-interval=0: no expired marks, no claims gauge");
     } else {
-        let expiry = ExpiryWatch::new(store.clone(), params, observed_by, leadership.clone());
+        let mut expiry = ExpiryWatch::new(store.clone(), params, observed_by, leadership.clone());
+        // Kubernetes store: sessions from a watch of their Leases. etcd keeps polling
+        // (its records are no Lease objects; an etcd watch would be the analogue).
+        if let StoreConfig::Kubernetes { namespace } = &config {
+            let client = match &kube {
+                Some(client) => client.clone(),
+                None => kube::Client::try_default()
+                    .await
+                    .map_err(|e| RunError::Kube(e.to_string()))?,
+            };
+            let cache = SessionCache::new();
+            tasks.push(tokio::spawn(lease_watch::run(
+                client,
+                namespace.clone(),
+                cache.clone(),
+                args.node_watch_timeout,
+                stop.clone(),
+            )));
+            tracing::info!(full_every = args.expiry_full_every, "expiry sweep: sessions from a watch of their Leases; every claim read every {} sweeps", args.expiry_full_every);
+            expiry = expiry.with_session_watch(cache, args.expiry_full_every);
+        }
         tasks.push(tokio::spawn(expiry.run(every, stop.clone())));
     }
     // The taint fence tells the Event watch which claims it freed.

@@ -5,6 +5,7 @@
 pub mod attach_watch;
 pub mod events;
 pub mod leader;
+pub mod lease_watch;
 pub mod node_watch;
 pub mod refusal;
 pub mod taint_fence;

@@ -47,7 +47,8 @@
 //!
 //! RBAC the node plugin and controller need, in the store's namespace:
 //! `coordination.k8s.io` `leases`: get, list, create, patch, delete (no update: the
-//! store never PUTs; no watch).
+//! store never PUTs; no watch — the controller's expiry sweep adds `watch` for its
+//! session watch, see [`decode_session`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -151,7 +152,7 @@ impl KubernetesStore {
         kind: &str,
         selector: Option<&str>,
     ) -> Result<Vec<Versioned<T>>, StoreError> {
-        let mut selector_all = format!("{MANAGED_BY_LABEL}={MANAGED_BY},{KIND_LABEL}={kind}");
+        let mut selector_all = kind_selector(kind);
         if let Some(terms) = selector {
             selector_all.push(',');
             selector_all.push_str(terms);
@@ -329,6 +330,22 @@ fn conditional_patch(
         },
         "spec": spec_patch,
     })
+}
+
+/// The label selector of every Lease this store writes for records of `kind`
+/// (`session`, `claim`, `fence`), as its lists use it (and a watch of them can).
+pub fn kind_selector(kind: &str) -> String {
+    format!("{MANAGED_BY_LABEL}={MANAGED_BY},{KIND_LABEL}={kind}")
+}
+
+/// The session record a Lease object carries, with its resourceVersion as the version,
+/// decoded and checked exactly as a list of sessions decodes it (for a watch of the
+/// session Leases).
+pub fn decode_session(lease: &Lease) -> Result<Versioned<SessionRecord>, StoreError> {
+    let name = lease.metadata.name.as_deref().unwrap_or_default();
+    let (bytes, version) = record_of(lease, name)?;
+    let value = codec::decode_listed(bytes.as_bytes(), name, object_name)?;
+    Ok(Versioned { value, version })
 }
 
 fn record_of(lease: &Lease, name: &str) -> Result<(String, Version), StoreError> {
