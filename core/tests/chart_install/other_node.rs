@@ -119,7 +119,7 @@ impl OtherPlugin {
                 "--lease-namespace",
                 "holdfast",
             ])
-            .args(["--log-format", "text"])
+            .args(["--log-format", "text", "--metrics-address=0"])
             .env("KUBECONFIG", kubeconfig)
             .stdout(Stdio::null())
             .stderr(log)
