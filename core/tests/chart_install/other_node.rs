@@ -256,6 +256,25 @@ pub async fn moved_to_another_node(
 
     let deadline = Instant::now() + Duration::from_secs(120);
     let refused = loop {
+        // A status update the kubelet sent just before it stopped can land after the
+        // patch above: say it again until the node shows nothing in use.
+        let in_use = nodes
+            .get_status(node.name())
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.volumes_in_use)
+            .unwrap_or_default();
+        if !in_use.is_empty() {
+            nodes
+                .patch_status(
+                    node.name(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&unmounted),
+                )
+                .await
+                .unwrap();
+        }
         let va = vas
             .list(&ListParams::default())
             .await
