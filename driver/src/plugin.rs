@@ -241,6 +241,8 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     }
     retry_task.abort();
     let _ = retry_task.await;
+    // Every holder of the book holds the session: all must be gone before it can end.
+    drop(metrics_book);
     drop(book);
     // Then the session: renewal stops and every gate closes. Its record — and with it
     // every claim of this node — is deleted only if no target is mounted any more.
