@@ -21,7 +21,8 @@
 //!   fence).
 //!
 //! [`args`] is the command line and [`plugin`] the process: [`run`] serves the services on
-//! one socket and stops gracefully.
+//! one socket and stops gracefully. [`pod_event`] builds the Events the plugin posts on
+//! pods it acted for.
 
 pub mod args;
 pub mod csi;
@@ -29,6 +30,7 @@ pub mod datapath;
 pub mod lock;
 pub mod metrics;
 pub mod plugin;
+pub mod pod_event;
 pub mod publish;
 
 pub use plugin::{run, RunError};

@@ -65,21 +65,20 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use holdfast_core::lease::PodName;
-use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use tokio::sync::watch;
 
 use crate::lock::claims::{ClaimBook, ClaimedVolume};
 use crate::lock::holders::{self, HolderProcess, VolumeViews};
+use crate::pod_event::{pod_event, EventType};
 use crate::publish::kernel_mounts::MountTable;
 use crate::publish::publisher::Publisher;
 
 /// Event reason on a pod whose claim the plugin released because the pod is gone and
 /// kubelet did not unpublish. Stable: users alert on it.
 pub const REASON_RELEASED: &str = "VolumeReleasedForGonePod";
-const COMPONENT: &str = "holdfast-driver";
 /// Bound on each API call of an attempt (the confirming read, the Event).
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// `/proc/self/ns/pid` in the initial PID namespace (PROC_PID_INIT_INO).
@@ -514,7 +513,14 @@ impl Releaser {
              its mounts any more; they were unmounted",
             claim.volume_id, self.node, self.after
         );
-        let event = normal_event(pod, &claim.pod_uid, message, &self.node);
+        let event = pod_event(
+            pod,
+            &claim.pod_uid,
+            EventType::Normal,
+            REASON_RELEASED,
+            message,
+            &self.node,
+        );
         let events: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
         match tokio::time::timeout(API_TIMEOUT, events.create(&PostParams::default(), &event)).await
         {
@@ -545,38 +551,6 @@ fn users_of(targets: &[PathBuf]) -> Result<Vec<HolderProcess>, String> {
         }
     }
     Ok(users)
-}
-
-fn normal_event(pod: &PodName, uid: &str, message: String, node: &str) -> Event {
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    Event {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{}.", pod.name)),
-            namespace: Some(pod.namespace.clone()),
-            ..ObjectMeta::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".to_string()),
-            kind: Some("Pod".to_string()),
-            namespace: Some(pod.namespace.clone()),
-            name: Some(pod.name.clone()),
-            uid: Some(uid.to_string()),
-            ..ObjectReference::default()
-        },
-        reason: Some(REASON_RELEASED.to_string()),
-        message: Some(message),
-        type_: Some("Normal".to_string()),
-        source: Some(EventSource {
-            component: Some(COMPONENT.to_string()),
-            host: Some(node.to_string()),
-        }),
-        reporting_component: Some(COMPONENT.to_string()),
-        reporting_instance: Some(node.to_string()),
-        first_timestamp: Some(now.clone()),
-        last_timestamp: Some(now),
-        count: Some(1),
-        ..Event::default()
-    }
 }
 
 #[cfg(test)]

@@ -36,18 +36,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use holdfast_core::lease::PodName;
-use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 
+use crate::pod_event::{pod_event, EventType};
 use crate::publish::fuse_targets::FuseTargets;
 
 /// Event reason on a pod whose volume's data path died. Stable: users alert on it.
 pub const REASON_LOST: &str = "VolumeDataPathLost";
 /// Event reason on a pod deleted so that its controller recreates it.
 pub const REASON_RESTARTED: &str = "PodRestartedForDataPath";
-/// The Events' source component.
-const COMPONENT: &str = "holdfast-driver";
 /// A mount whose server is gone answers at once; one that does not answer within this
 /// is served by a live (maybe paused) process, and is not ours to report.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -329,7 +327,14 @@ impl Reporter {
         message: String,
     ) -> Result<(), ReportError> {
         let events: Api<Event> = Api::namespaced(self.client.clone(), &lost.pod.namespace);
-        let event = warning_event(lost, reason, message, &self.node);
+        let event = pod_event(
+            &lost.pod,
+            &lost.pod_uid,
+            EventType::Warning,
+            reason,
+            message,
+            &self.node,
+        );
         events
             .create(&PostParams::default(), &event)
             .await
@@ -352,65 +357,10 @@ fn has_controller(pod: &Pod) -> bool {
         .any(|owner| owner.controller == Some(true))
 }
 
-/// A core/v1 Warning Event on the pod `lost` names, by its recorded UID.
-fn warning_event(lost: &LostTarget, reason: &str, message: String, node: &str) -> Event {
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    Event {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{}.", lost.pod.name)),
-            namespace: Some(lost.pod.namespace.clone()),
-            ..ObjectMeta::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".to_string()),
-            kind: Some("Pod".to_string()),
-            namespace: Some(lost.pod.namespace.clone()),
-            name: Some(lost.pod.name.clone()),
-            uid: Some(lost.pod_uid.clone()),
-            ..ObjectReference::default()
-        },
-        reason: Some(reason.to_string()),
-        message: Some(message),
-        type_: Some("Warning".to_string()),
-        source: Some(EventSource {
-            component: Some(COMPONENT.to_string()),
-            host: Some(node.to_string()),
-        }),
-        reporting_component: Some(COMPONENT.to_string()),
-        reporting_instance: Some(node.to_string()),
-        first_timestamp: Some(now.clone()),
-        last_timestamp: Some(now),
-        count: Some(1),
-        ..Event::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-
-    fn lost() -> LostTarget {
-        LostTarget {
-            target: PathBuf::from("/var/lib/kubelet/pods/u/volumes/v/mount"),
-            volume: "hf-0123456789abcdef0123456789abcdef".into(),
-            pod_uid: "uid-1".into(),
-            pod: PodName {
-                namespace: "apps".into(),
-                name: "db-0".into(),
-            },
-        }
-    }
-
-    #[test]
-    fn the_event_names_the_recorded_pod() {
-        let event = warning_event(&lost(), REASON_LOST, "m".into(), "node-a");
-        assert_eq!(event.involved_object.uid.as_deref(), Some("uid-1"));
-        assert_eq!(event.involved_object.name.as_deref(), Some("db-0"));
-        assert_eq!(event.metadata.namespace.as_deref(), Some("apps"));
-        assert_eq!(event.type_.as_deref(), Some("Warning"));
-        assert_eq!(event.reason.as_deref(), Some("VolumeDataPathLost"));
-    }
 
     #[test]
     fn only_a_controller_owner_counts() {
