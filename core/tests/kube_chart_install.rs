@@ -9,8 +9,6 @@
 
 #[path = "chart_install/lock.rs"]
 mod lock;
-// Kept building until its scenario runs again (see the call site's comment).
-#[allow(dead_code)]
 #[path = "chart_install/other_node.rs"]
 mod other_node;
 
@@ -407,10 +405,21 @@ async fn examples_write_through_fuse_into_the_backend(
     };
     lock::lock_through_kubernetes(&kubectl, client.clone(), node, &log).await;
     lock::killed_plugin_pod(&kubectl, client.clone(), node, &log).await;
-    // The other-node scenario (other_node.rs) is not run here: in its last two runs the
-    // attach/detach controller never detached the zombie node's VolumeAttachment once
-    // the node had gone NotReady, so the refused attach never came. It passed in the four
-    // runs before, when it reached that point sooner. It needs that fixed first.
+    let moved = other_node::moved_to_another_node(
+        &kubectl,
+        client.clone(),
+        node,
+        &other_node::controller_binary(),
+        backend,
+        &log,
+    )
+    .await;
+    println!(
+        "db-0 moved to a node of its own while the old one was a zombie: attach refused \
+         ({}); after the out-of-service taint the zombie's writer got EIO at {:?} and the \
+         attach was granted at {:?}",
+        moved.refused_message, moved.eio_after_taint, moved.granted_after_taint
+    );
 
     let statefulsets: kube::Api<StatefulSet> = kube::Api::namespaced(client.clone(), "default");
     statefulsets

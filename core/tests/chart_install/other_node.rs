@@ -300,6 +300,7 @@ pub async fn moved_to_another_node(
                 kubectl.run(&["get", "volumeattachments,nodes,pods", "-A", "-o", "wide"])
                     + &kubectl.run(&["describe", "pod", "db-0"])
                     + &kubectl.run(&["describe", "volumeattachments"])
+                    + &controller_pod_logs()
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -522,6 +523,44 @@ async fn unpublish(
         })
         .await
         .expect("NodeUnpublishVolume on the other node");
+}
+
+/// The last lines of every container log (all restarts) of the chart's controller pods
+/// on the kubelet node: why a VolumeAttachment is not acted on shows there.
+fn controller_pod_logs() -> String {
+    let mut text = String::new();
+    let Ok(pods) = std::fs::read_dir("/var/log/pods") else {
+        return text;
+    };
+    for pod in pods.flatten() {
+        if !pod
+            .file_name()
+            .to_string_lossy()
+            .starts_with("holdfast_holdfast-controller")
+        {
+            continue;
+        }
+        for container in std::fs::read_dir(pod.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for file in std::fs::read_dir(container.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let log = std::fs::read_to_string(file.path()).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                text.push_str(&format!("--- {}\n", file.path().display()));
+                for line in &lines[lines.len().saturating_sub(25)..] {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+    }
+    text
 }
 
 fn controller_cli(bin: &Path, kubectl: &Kubectl, args: &[&str]) -> String {
