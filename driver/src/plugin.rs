@@ -37,13 +37,11 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use holdfast_core::backend::{Backend, BackendError, VolumeId};
+use holdfast_core::backend::{Backend, BackendError};
 use holdfast_core::csi::identity::{IdentityService, Readiness};
 use holdfast_core::csi::serve::{self, CsiCallLog, ServeError};
 use holdfast_core::lease::recovery::DataPathSurvives;
-use holdfast_core::lease::{
-    DataPaths, FenceCause, LeaseError, NodeIdentity, RecoveryReport, SessionLease, SessionOptions,
-};
+use holdfast_core::lease::{DataPaths, LeaseError, NodeIdentity, SessionLease, SessionOptions};
 use holdfast_core::logging::{self, LoggingError};
 use holdfast_core::metrics_http;
 use holdfast_core::store::{self, StoreError};
@@ -54,8 +52,7 @@ use crate::args::{Args, ArgsError, Config};
 use crate::csi::error::NodeError;
 use crate::csi::node::NodeService;
 use crate::lock::claims::{self, ClaimBook};
-use crate::lock::epoch_file::{self, EpochWrite};
-use crate::lock::{enforcer, gone_pods};
+use crate::lock::{enforcer, gone_pods, recovery};
 use crate::metrics;
 use crate::publish::data_path_loss;
 use crate::publish::published::DataPathKind;
@@ -159,10 +156,10 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     .await
     .map_err(RunError::Session)?;
     let session = Arc::new(session);
-    log_recovery(session.recovery());
+    recovery::log_report(session.recovery());
     let (book, release_queue) = ClaimBook::new(session.clone());
     let _ = metrics_book.set(book.clone());
-    adopt_bind_claims(&book, &publisher, session.recovery()).await;
+    recovery::adopt_bind_claims(&book, &publisher, session.recovery()).await;
     // Runs to its end on its own; the process exiting first only cuts it short.
     tokio::spawn(data_path_loss::run(
         orphaned_fuse,
@@ -270,70 +267,6 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     tracing::info!(?data_paths, "node plugin stopped");
     served?;
     Ok(())
-}
-
-fn log_recovery(report: &RecoveryReport) {
-    for (key, proof) in &report.dead {
-        tracing::info!(instance = %key.instance, ?proof, "predecessor proven dead");
-    }
-    for key in &report.alive {
-        tracing::info!(instance = %key.instance, "predecessor may be alive; its claims are left to it or to expiry");
-    }
-    for (volume, epoch) in &report.released {
-        tracing::info!(
-            volume,
-            epoch,
-            "released a dead predecessor's claim (its data path died with it)"
-        );
-    }
-}
-
-/// Takes over the bind volumes a dead predecessor published: recovery re-homed their
-/// claims onto this session at a new epoch; that epoch goes onto the storage and the
-/// claim gets a gate, so the enforcer watches it (and kills its users if it is ever
-/// fenced) exactly like one published by this instance.
-async fn adopt_bind_claims(book: &ClaimBook, publisher: &Publisher, report: &RecoveryReport) {
-    for record in &report.adopted {
-        let volume_id = record.volume_id.clone();
-        let paths = VolumeId::parse(&volume_id)
-            .map_err(NodeError::from)
-            .and_then(|id| {
-                let backend = publisher.backend();
-                Ok((backend.epoch_file(&id)?, backend.data_dir(&id)?))
-            });
-        let (epoch_file, data_dir) = match paths {
-            Ok(paths) => paths,
-            Err(e) => {
-                tracing::error!(volume = %volume_id, error = %e, "adopted claim of an unreadable volume; releasing it");
-                let _ = book.session().release(&volume_id, record.epoch).await;
-                continue;
-            }
-        };
-        let claim = book.adopt(book.claimed(
-            &volume_id,
-            &record.holder.pod_uid,
-            record.holder.pod.clone(),
-            record.epoch,
-            DataPathKind::Bind,
-            epoch_file.clone(),
-            data_dir,
-        ));
-        let epoch = record.epoch;
-        let written =
-            tokio::task::spawn_blocking(move || epoch_file::write_epoch(&epoch_file, epoch)).await;
-        match written {
-            Ok(Ok(EpochWrite::Written)) => {
-                tracing::info!(volume = %volume_id, epoch, "adopted a dead predecessor's bind volume")
-            }
-            Ok(Ok(EpochWrite::Higher(found))) => claim.fence(
-                FenceCause::EpochSuperseded,
-                format!("fenced: a newer holder wrote epoch {found} on storage (this pod held epoch {epoch})"),
-            ),
-            // The enforcer's next read of the file decides; the store channel still holds.
-            Ok(Err(e)) => tracing::warn!(volume = %volume_id, error = %e, "cannot write the adopted epoch"),
-            Err(e) => tracing::warn!(volume = %volume_id, error = %e, "epoch write task failed"),
-        }
-    }
 }
 
 /// The kernel's hostname: the default node id of `--standalone`.

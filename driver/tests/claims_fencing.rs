@@ -131,6 +131,52 @@ async fn fenced_bind_volume_kills_the_processes_using_it() {
 }
 
 #[tokio::test]
+async fn an_instance_that_dies_after_its_successor_started_frees_its_fuse_claim_at_the_next_publish(
+) {
+    // D = 6 s: expiry alone would keep the volume from the new pod for more than 6.5 s.
+    let mut p = pair("6s", "1s").await;
+    let fuse = create_volume_in(&p.a.root, "pv-s-fuse", &[("dataPath", "fuse")]);
+    let old_target = p.a.target();
+    p.node_a
+        .node_publish_volume(publish_for(&fuse, &old_target, "pod-1"))
+        .await
+        .unwrap();
+    // Started while the old instance still runs: its start-up recovery cannot prove it
+    // dead, and a live instance's claim is never taken, however often it is asked.
+    let successor = p.a.start_successor().await;
+    let mut node = NodeClient::new(successor.channel().await);
+    let target = successor.target();
+    for _ in 0..2 {
+        let err = node
+            .node_publish_volume(publish_for(&fuse, &target, "pod-2"))
+            .await
+            .expect_err("the old instance lives and holds the volume for pod-1");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("on this node"), "{err:?}");
+    }
+
+    // The old instance dies; kubelet unmounts the old pod's dead target through the
+    // successor, then mounts the new pod's.
+    p.a.kill();
+    let killed = Instant::now();
+    node.node_unpublish_volume(unpublish_request(&fuse, &old_target))
+        .await
+        .unwrap_or_else(|e| panic!("unpublish of the dead target: {e:?}\n{}", successor.logs()));
+    node.node_publish_volume(publish_for(&fuse, &target, "pod-2"))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the dead instance's claim must be freed by proof, not expiry: {e:?}\n{}",
+                successor.logs()
+            )
+        });
+    let took = killed.elapsed();
+    println!("old instance killed -> the new pod's publish granted after {took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    std::fs::write(target.join("new"), b"ok").expect("the new pod writes");
+}
+
+#[tokio::test]
 async fn restarted_plugin_releases_its_dead_fuse_claims_at_once_and_keeps_its_bind_ones() {
     // D = 6 s: takeover by expiry would need more than 6.5 s of silence.
     let mut p = pair("6s", "1s").await;

@@ -2,7 +2,7 @@
 //! only writer of its [`SessionDeadline`]), the instance's node-local lock, and the
 //! acquire / release / status calls made on behalf of this session.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +55,13 @@ pub struct SessionLease {
     stop: watch::Sender<bool>,
     renewer: Option<JoinHandle<RenewState>>,
     _lock: NodeLock,
+    /// What recovery needs to run again later (`recover_again`).
+    identity: NodeIdentity,
+    state_dir: PathBuf,
+    survives: Option<DataPathSurvives>,
+    /// One recovery at a time: two publishes meeting the same dead instance would
+    /// otherwise race to settle the same claims.
+    recovering: tokio::sync::Mutex<()>,
 }
 
 impl SessionLease {
@@ -119,6 +126,10 @@ impl SessionLease {
             stop,
             renewer: Some(renewer),
             _lock: lock,
+            identity: identity.clone(),
+            state_dir: state_dir.to_path_buf(),
+            survives: options.data_path_survives.clone(),
+            recovering: tokio::sync::Mutex::new(()),
         };
         lease.recovery = recover_predecessors(
             lease.client.store().as_ref(),
@@ -151,6 +162,23 @@ impl SessionLease {
     /// What start-up recovery did (for logs and for re-gating adopted claims).
     pub fn recovery(&self) -> &RecoveryReport {
         &self.recovery
+    }
+
+    /// Recovery again, after start-up: frees (or adopts) the claims of this node's other
+    /// instances that can be proven dead *now*. An instance still exiting when this one
+    /// started held its flock then, so its claims were left to expire; the kernel drops
+    /// the flock only with its process, so the same proof holds at any later time.
+    pub async fn recover_again(&self) -> Result<RecoveryReport, LeaseError> {
+        let _one = self.recovering.lock().await;
+        self.check_live()?;
+        recover_predecessors(
+            self.client.store().as_ref(),
+            &self.identity,
+            &self.key.instance,
+            &self.state_dir,
+            self.survives.as_ref(),
+        )
+        .await
     }
 
     /// The session record was deleted or replaced by someone else: it is over.

@@ -32,6 +32,7 @@ use crate::lock::lock_request::{check_context, pod_name, pod_uid};
 pub use crate::lock::lock_request::{
     grpc_timeout, wait_budget, DEFAULT_WAIT, MAX_WAIT, POD_UID_KEY,
 };
+use crate::lock::recovery;
 use crate::metrics;
 use crate::publish::published::{DataPathKind, PublishedTable};
 use crate::publish::publisher::{PublishPlan, Publisher, TargetUsage};
@@ -325,6 +326,17 @@ impl NodeService {
                 Err(NodeError::Held {
                     volume, pod, node, ..
                 }) if node == self.node_id => {
+                    // The holder may be an instance of this plugin that has died since
+                    // this one started: proven dead now, its claim is freed at once.
+                    match recovery::recover_again(&self.claims, &self.publisher).await {
+                        Ok(true) => {
+                            return PublishAttempt::HeldRetryAfter(std::time::Duration::ZERO)
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "recovery of this node's earlier instances failed")
+                        }
+                    }
                     return PublishAttempt::Done(Err(NodeError::HeldOnThisNode {
                         volume,
                         pod,

@@ -7,3 +7,4 @@ pub mod epoch_file;
 pub mod gone_pods;
 pub mod holders;
 pub mod lock_request;
+pub mod recovery;

@@ -295,6 +295,31 @@ impl Plugin {
         }
     }
 
+    /// A second instance on this one's node, backend root and state dir, started while
+    /// this one may still run (a rolling update's overlap, or a killed plugin still
+    /// exiting when its replacement starts). Its own socket and targets.
+    pub async fn start_successor(&self) -> Plugin {
+        let tmp = tempfile::Builder::new()
+            .prefix("holdfast-driver-test-")
+            .tempdir()
+            .expect("create temp dir");
+        let base = tmp.path().canonicalize().expect("canonicalize temp dir");
+        std::fs::create_dir_all(base.join("targets")).expect("create harness dir");
+        let mut plugin = Plugin {
+            socket: base.join("csi.sock"),
+            root: self.root.clone(),
+            state_dir: self.state_dir.clone(),
+            tmp,
+            extra_args: self.extra_args.clone(),
+            standalone: self.standalone,
+            node_id: self.node_id.clone(),
+            child: None,
+            next_target: AtomicU64::new(0),
+        };
+        plugin.spawn().await;
+        plugin
+    }
+
     /// Kills the process if it still runs, and starts it again on the same dirs.
     pub async fn restart(&mut self) {
         self.kill();
