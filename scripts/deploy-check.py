@@ -184,7 +184,8 @@ def check_lint():
 
 VARIANTS = {
     "defaults": {},
-    "etcd lease store": {"leaseStore": {"type": "etcd", "etcd": {"endpoints": ["http://etcd-0:2379", "http://etcd-1:2379"]}}},
+    "etcd lease store": {"leaseStore": {"type": "etcd", "etcd": {"endpoints": ["http://etcd-0:2379", "http://etcd-1:2379"]}},
+                         "controller": {"expiry": {"interval": "30s", "fullEvery": 5}}},
     "lease namespace elsewhere": {"leaseStore": {"namespace": "holdfast-leases"}},
     "nfs backend": {"backend": {"type": "nfs", "nfs": {"server": "nfs.example.internal", "path": "/exports/holdfast"}}},
     "pvc backend": {"backend": {"type": "pvc", "pvc": {"claimName": "holdfast-backend"}}},
