@@ -113,6 +113,34 @@ async fn lapsed_session_stops_io_and_says_so_then_resumes_after_a_proven_renewal
 }
 
 #[tokio::test]
+async fn a_publish_waits_out_a_brief_store_outage_rather_than_failing() {
+    // D = 6 s: the session stays live through a 3 s outage. Each store call gives up
+    // after 2 s, so an answer at the first failure would be UNAVAILABLE at about 2 s;
+    // kubelet would then double its pause before the next mount.
+    let mut p = pair("6s", "1s").await;
+    let id = create_volume_in(&p.a.root, "pv-outage", &[("dataPath", "fuse")]);
+    let ta = p.a.target();
+    p.etcd.pause();
+    let asked = Instant::now();
+    let mut node = p.node_a.clone();
+    let publish = tokio::spawn({
+        let (id, ta) = (id.clone(), ta.clone());
+        async move {
+            node.node_publish_volume(publish_for(&id, &ta, "pod-1"))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    p.etcd.resume();
+    let answer = publish.await.unwrap();
+    let took = asked.elapsed();
+    answer.unwrap_or_else(|e| panic!("answered after {took:?}: {e:?}\n{}", p.a.logs()));
+    println!("store paused 3 s -> publish granted after {took:?}");
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+    std::fs::write(ta.join("after"), b"ok").unwrap();
+}
+
+#[tokio::test]
 async fn plugin_refuses_to_serve_without_a_session() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().canonicalize().unwrap();
