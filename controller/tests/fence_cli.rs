@@ -1,51 +1,19 @@
 //! The `fence`, `unfence` and `claims` verbs of the real binary against a real etcd,
 //! with real node sessions (`SessionLease`, short D) holding the claims they act on.
 
+mod common;
+
 use std::process::Output;
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::sessions::SessionCluster;
 use holdfast_core::clock::Mono;
-use holdfast_core::lease::{ClaimState, LeaseError, LeaseParams, NodeIdentity, SessionLease};
-use holdfast_core::store::LeaseStore;
-use holdfast_core::testkit::etcd::EtcdServer;
+use holdfast_core::lease::{ClaimState, LeaseError};
 use serde_json::Value;
-use tempfile::TempDir;
 
 const PREFIX: &str = "/fence-cli/";
 
-/// D = 600 ms: sessions renew (and look for a fence) every 200 ms.
-fn params() -> LeaseParams {
-    LeaseParams::new(Duration::from_millis(600), 0.01, Duration::from_millis(150)).unwrap()
-}
-
-struct Cluster {
-    etcd: EtcdServer,
-    store: Arc<dyn LeaseStore>,
-    dir: TempDir,
-}
-
-impl Cluster {
-    async fn start() -> Cluster {
-        let etcd = EtcdServer::start();
-        let store: Arc<dyn LeaseStore> = Arc::new(etcd.store(PREFIX).await);
-        Cluster {
-            etcd,
-            store,
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    /// A node plugin's session for `node`, with its own state dir.
-    async fn session(&self, node: &str) -> SessionLease {
-        let state_dir = self.dir.path().join(node);
-        std::fs::create_dir_all(&state_dir).unwrap();
-        let identity = NodeIdentity::of_this_machine(node).unwrap();
-        SessionLease::start(self.store.clone(), identity, params(), &state_dir)
-            .await
-            .unwrap()
-    }
-
+impl SessionCluster {
     /// Runs the binary with `args` plus the flags that point it at this etcd.
     async fn admin(&self, args: &[&str]) -> Output {
         let endpoints = self.etcd.client_url();
@@ -102,7 +70,7 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fence_frees_the_nodes_claims_and_closes_its_gate() {
-    let cluster = Cluster::start().await;
+    let cluster = SessionCluster::start(PREFIX).await;
     let n1 = cluster.session("n1").await;
     let a = n1.acquire("vol-a", "pod-a", None).await.unwrap();
     let b = n1.acquire("vol-b", "pod-b", None).await.unwrap();
@@ -179,7 +147,7 @@ async fn fence_frees_the_nodes_claims_and_closes_its_gate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_lists_holders_and_unfence_lets_the_node_work_again() {
-    let cluster = Cluster::start().await;
+    let cluster = SessionCluster::start(PREFIX).await;
     let n1 = cluster.session("n1").await;
     let n2 = cluster.session("n2").await;
     let a = n1.acquire("vol-a", "pod-a", None).await.unwrap();
@@ -245,7 +213,7 @@ async fn claims_lists_holders_and_unfence_lets_the_node_work_again() {
 /// pod's environment, serve-only settings present in it do not get in the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_verbs_take_the_lease_store_from_the_environment() {
-    let cluster = Cluster::start().await;
+    let cluster = SessionCluster::start(PREFIX).await;
     let n1 = cluster.session("n1").await;
     n1.acquire("vol-a", "pod-a", None).await.unwrap();
     let url = cluster.etcd.client_url();
@@ -270,7 +238,7 @@ async fn admin_verbs_take_the_lease_store_from_the_environment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_store_fails_with_a_clear_error() {
-    let mut cluster = Cluster::start().await;
+    let mut cluster = SessionCluster::start(PREFIX).await;
     cluster.etcd.kill();
     let out = cluster.admin(&["fence", "--node", "n1"]).await;
     assert!(!out.status.success());

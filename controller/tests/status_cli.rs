@@ -4,50 +4,19 @@
 //! the node fences with their reasons, what the command saw of each holder's session,
 //! and an expired mark.
 
+mod common;
+
 use std::process::Output;
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::sessions::SessionCluster;
 use holdfast_core::lease::types::ExpiredMark;
-use holdfast_core::lease::{fence_node, LeaseParams, NodeIdentity, PodName, SessionLease};
-use holdfast_core::store::LeaseStore;
-use holdfast_core::testkit::etcd::EtcdServer;
+use holdfast_core::lease::{fence_node, PodName};
 use serde_json::Value;
-use tempfile::TempDir;
 
 const PREFIX: &str = "/status-cli/";
 
-/// D = 600 ms, ε = 1 %, margin = 150 ms: renewals every 200 ms, W = 756 ms.
-fn params() -> LeaseParams {
-    LeaseParams::new(Duration::from_millis(600), 0.01, Duration::from_millis(150)).unwrap()
-}
-
-struct Cluster {
-    etcd: EtcdServer,
-    store: Arc<dyn LeaseStore>,
-    dir: TempDir,
-}
-
-impl Cluster {
-    async fn start() -> Cluster {
-        let etcd = EtcdServer::start();
-        let store: Arc<dyn LeaseStore> = Arc::new(etcd.store(PREFIX).await);
-        Cluster {
-            etcd,
-            store,
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    async fn session(&self, node: &str) -> SessionLease {
-        let state_dir = self.dir.path().join(node);
-        std::fs::create_dir_all(&state_dir).unwrap();
-        let identity = NodeIdentity::of_this_machine(node).unwrap();
-        SessionLease::start(self.store.clone(), identity, params(), &state_dir)
-            .await
-            .unwrap()
-    }
-
+impl SessionCluster {
     /// `holdfast-controller status <args>` against this etcd, with the sessions' timing.
     async fn status(&self, args: &[&str]) -> Output {
         let url = self.etcd.client_url();
@@ -89,7 +58,7 @@ fn pod(name: &str) -> Option<PodName> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_lists_held_released_and_fenced_claims_with_what_it_saw() {
-    let cluster = Cluster::start().await;
+    let cluster = SessionCluster::start(PREFIX).await;
     let n1 = cluster.session("n1").await;
     let n2 = cluster.session("n2").await;
     let n3 = cluster.session("n3").await;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod plane;
+pub mod sessions;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
