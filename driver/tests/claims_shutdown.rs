@@ -117,7 +117,7 @@ async fn a_publish_waits_out_a_brief_store_outage_rather_than_failing() {
     // D = 6 s: the session stays live through a 3 s outage. Each store call gives up
     // after 2 s, so an answer at the first failure would be UNAVAILABLE at about 2 s;
     // kubelet would then double its pause before the next mount.
-    let mut p = pair("6s", "1s").await;
+    let p = pair("6s", "1s").await;
     let id = create_volume_in(&p.a.root, "pv-outage", &[("dataPath", "fuse")]);
     let ta = p.a.target();
     p.etcd.pause();

@@ -28,13 +28,13 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::pods_plane::{self, CHART_RBAC};
 use common::{create_volume_in, publish_for_pod, Plugin, PluginOptions};
 use holdfast_core::csi::v1::node_client::NodeClient;
-use holdfast_core::testkit::kube::{ControlPlane, ControlPlaneOptions, Identity};
-use k8s_openapi::api::core::v1::{Event, Pod, ServiceAccount};
+use holdfast_core::testkit::kube::Identity;
+use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 
-const CHART_RBAC: &str = include_str!("../../manifests/deploy/20-rbac.yaml");
 /// The pods' namespace (the plugin's lease store lives in `holdfast`).
 const APPS: &str = "apps";
 /// How long the restarted plugin may take to report, at most.
@@ -96,23 +96,7 @@ fn has(events: &[(String, String)], reason: &str, uid: &str) -> bool {
 
 /// A node-only plugin named `node` on the kubernetes lease store, plus `extra` flags.
 async fn start_plugin(node: &str, extra: &[&str]) -> Plugin {
-    let mut extra_args: Vec<String> = [
-        "--lease-store",
-        "kubernetes",
-        "--lease-namespace",
-        "holdfast",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    extra_args.extend(extra.iter().map(|s| s.to_string()));
-    Plugin::start_with(PluginOptions {
-        standalone: false,
-        node_id: node.to_string(),
-        root: None,
-        extra_args,
-    })
-    .await
+    Plugin::start_with(PluginOptions::node_on_kubernetes(node, extra)).await
 }
 
 /// Publishes a new FUSE volume for the pod `name` (UID `uid`); returns the target.
@@ -155,26 +139,10 @@ async fn wait_reports_done(plugin: &Plugin, since: Instant) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_of_a_dead_fuse_data_path_are_told_and_owned_ones_restarted() {
     let test = "pods_of_a_dead_fuse_data_path_are_told_and_owned_ones_restarted";
-    let options = ControlPlaneOptions {
-        audit: true,
-        ..ControlPlaneOptions::default()
-    };
-    let Some(plane) = ControlPlane::start_or_skip(test, options).await else {
+    let Some(plane) = pods_plane::start(test, APPS).await else {
         return;
     };
-    plane.ensure_namespace("holdfast").await;
-    plane.ensure_namespace(APPS).await;
-    plane.apply_yaml(CHART_RBAC).await;
     let admin = plane.admin().await;
-    // The ServiceAccount admission wants the namespace's default account (which the
-    // controller-manager, not running here, would create).
-    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), APPS);
-    let account: ServiceAccount =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).unwrap();
-    accounts
-        .create(&PostParams::default(), &account)
-        .await
-        .unwrap();
     let pods: Api<Pod> = Api::namespaced(admin.clone(), APPS);
     let events: Api<Event> = Api::namespaced(admin.clone(), APPS);
     // Every plugin process of this test inherits it: it is the chart's node identity.

@@ -34,13 +34,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::pods_plane;
 use common::{create_volume_in, publish_for_pod, unpublish_request, Plugin, PluginOptions};
 use holdfast_core::csi::v1::node_client::NodeClient;
-use holdfast_core::testkit::kube::{ControlPlane, ControlPlaneOptions, Identity};
-use k8s_openapi::api::core::v1::{Event, Pod, ServiceAccount};
+use holdfast_core::testkit::kube::Identity;
+use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
-const CHART_RBAC: &str = include_str!("../../manifests/deploy/20-rbac.yaml");
 const APPS: &str = "apps";
 const NODE: &str = "node-g";
 /// `--release-gone-pods-after` here.
@@ -193,46 +193,19 @@ impl Drop for Holder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_pods_are_released_by_unpublish_or_once_their_mounts_are_dead() {
     let test = "gone_pods_are_released_by_unpublish_or_once_their_mounts_are_dead";
-    let options = ControlPlaneOptions {
-        audit: true,
-        ..ControlPlaneOptions::default()
-    };
-    let Some(plane) = ControlPlane::start_or_skip(test, options).await else {
+    let Some(plane) = pods_plane::start(test, APPS).await else {
         return;
     };
-    plane.ensure_namespace("holdfast").await;
-    plane.ensure_namespace(APPS).await;
-    plane.apply_yaml(CHART_RBAC).await;
     let admin = plane.admin().await;
-    // The ServiceAccount admission wants the namespace's default account.
-    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), APPS);
-    let account: ServiceAccount =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).unwrap();
-    accounts
-        .create(&PostParams::default(), &account)
-        .await
-        .unwrap();
     let pods: Api<Pod> = Api::namespaced(admin.clone(), APPS);
     let events: Api<Event> = Api::namespaced(admin.clone(), APPS);
     // The plugin inherits it: the chart's node identity. The only test in this binary.
     std::env::set_var("KUBECONFIG", plane.kubeconfig(&Identity::node_plugin()));
     let bound = format!("{}ms", BOUND.as_millis());
-    let plugin = Plugin::start_with(PluginOptions {
-        standalone: false,
-        node_id: NODE.to_string(),
-        root: None,
-        extra_args: [
-            "--lease-store",
-            "kubernetes",
-            "--lease-namespace",
-            "holdfast",
-            "--release-gone-pods-after",
-            &bound,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    })
+    let plugin = Plugin::start_with(PluginOptions::node_on_kubernetes(
+        NODE,
+        &["--release-gone-pods-after", &bound],
+    ))
     .await;
     let watching = Instant::now();
     while !plugin.logs().contains("watching this node's pods") {

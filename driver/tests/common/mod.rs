@@ -33,6 +33,8 @@
 //! leaves a mount behind, and only then removes the directory.
 #![allow(dead_code)]
 
+pub mod pods_plane;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
