@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::plane::{wait_for, Plane, NAMESPACE};
+use common::plane::{wait_for, LogsOnFailure, Plane, NAMESPACE};
 use common::*;
 use holdfast_core::lease::PodName;
 use holdfast_core::testkit::kube::{bins, Identity};
@@ -252,6 +252,7 @@ async fn a_refused_attach_is_told_on_the_pod_and_pvc_once_and_the_takeover_after
         &controller.socket,
         &plane.path().join("attacher.log"),
     );
+    let _logs = LogsOnFailure(vec![log.clone(), plane.path().join("attacher.log")]);
     let started = Instant::now();
     let va = attachment(&plane, &data.pv, "n2").await;
 
@@ -428,6 +429,7 @@ async fn the_taint_fence_is_told_on_the_pvc_and_the_takeover_names_the_fence() {
         &controller.socket,
         &plane.path().join("attacher.log"),
     );
+    let _logs = LogsOnFailure(vec![log.clone(), plane.path().join("attacher.log")]);
     attachment(&plane, &data.pv, "n2").await;
     wait_for(
         Duration::from_secs(20),

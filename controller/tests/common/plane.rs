@@ -228,3 +228,23 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Prints the last lines of each log when the test fails (the guard is dropped while
+/// panicking): what the controller and the attacher did is the first thing to read.
+pub struct LogsOnFailure(pub Vec<PathBuf>);
+
+impl Drop for LogsOnFailure {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for path in &self.0 {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- last lines of {}", path.display());
+            for line in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
