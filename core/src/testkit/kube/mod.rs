@@ -249,7 +249,17 @@ impl ControlPlane {
             ca = self.pki.ca_cert.display(),
             user = identity.tag(),
         );
-        std::fs::write(&path, text).expect("writing a kubeconfig");
+        // Other processes (kubectl, sidecars, the binaries under test) read this file
+        // while tests ask for it again: it is never rewritten in place (a reader could
+        // see it truncated), only replaced whole by a rename, and only when it changes.
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let pid = std::process::id();
+            let tmp = self.dir.path().join(format!(".kubeconfig-{pid}-{n}.tmp"));
+            std::fs::write(&tmp, &text).expect("writing a kubeconfig");
+            std::fs::rename(&tmp, &path).expect("replacing a kubeconfig");
+        }
         path
     }
 
