@@ -10,7 +10,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{create_volume_in, pair, publish_for};
+use common::{create_volume_in, pair, publish_for, unpublish_request};
+use holdfast_core::csi::v1::node_client::NodeClient;
 use holdfast_core::csi::v1::NodeGetVolumeStatsRequest;
 use holdfast_core::store::LeaseStore;
 use tonic::Code;
@@ -52,6 +53,42 @@ async fn sigterm_keeps_the_session_while_targets_stay_mounted_and_deletes_it_oth
         "{}",
         p.b.logs()
     );
+}
+
+#[tokio::test]
+async fn after_a_sigterm_with_targets_mounted_the_next_instance_frees_the_fuse_claim_at_once() {
+    // D = 6 s: expiry alone would keep the volume from the next pod for over 6.5 s.
+    let mut p = pair("6s", "1s").await;
+    let id = create_volume_in(&p.a.root, "pv-term-next", &[("dataPath", "fuse")]);
+    let old = p.a.target();
+    p.node_a
+        .node_publish_volume(publish_for(&id, &old, "pod-1"))
+        .await
+        .unwrap();
+    let status = p.a.stop_sigterm().await;
+    assert!(status.success(), "{status:?}\n{}", p.a.logs());
+    let stopped = Instant::now();
+    // The session was kept (a target stays mounted), and so was the instance's lock
+    // file: the next instance takes its flock, which proves the old one dead.
+    p.a.restart().await;
+    let mut node = NodeClient::new(p.a.channel().await);
+    node.node_unpublish_volume(unpublish_request(&id, &old))
+        .await
+        .unwrap();
+    let new = p.a.target();
+    node.node_publish_volume(publish_for(&id, &new, "pod-2"))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the stopped instance's FUSE claim must be freed by proof, not expiry: \
+                 {e:?}\n{}",
+                p.a.logs()
+            )
+        });
+    let took = stopped.elapsed();
+    println!("SIGTERM with a FUSE target -> next instance's publish for a new pod after {took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    std::fs::write(new.join("after"), b"ok").expect("the new pod writes");
 }
 
 #[tokio::test]

@@ -170,9 +170,14 @@ impl DeadInstanceLock {
     }
 }
 
-impl Drop for NodeLock {
-    fn drop(&mut self) {
-        // A clean exit removes its own file; a crash leaves it for a successor to probe.
+impl NodeLock {
+    /// Removes this instance's lock file, for a session whose record is deleted: no
+    /// successor needs to prove anything about it. Every other exit leaves the file,
+    /// graceful or not: a session record kept past the exit (targets still mounted) is
+    /// freed early only by a successor that takes this flock, and it can take only a
+    /// file that is there. Files left without a session are removed by the next
+    /// instance's recovery once their flock is free.
+    pub fn remove_file(&self) {
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -203,10 +208,18 @@ mod tests {
             NodeLock::probe(dir.path(), "nobody").unwrap(),
             Probe::Missing
         ));
+        // An exit leaves the file, free: a successor proves this instance dead.
         drop(lock);
-        assert!(NodeLock::other_instances(dir.path(), "second")
-            .unwrap()
-            .is_empty());
+        assert!(matches!(
+            NodeLock::probe(dir.path(), "first").unwrap(),
+            Probe::Dead(_)
+        ));
+        let lock = NodeLock::acquire(dir.path(), "third").unwrap();
+        lock.remove_file();
+        assert!(matches!(
+            NodeLock::probe(dir.path(), "third").unwrap(),
+            Probe::Missing
+        ));
     }
 
     #[test]

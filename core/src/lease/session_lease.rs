@@ -54,7 +54,7 @@ pub struct SessionLease {
     recovery: RecoveryReport,
     stop: watch::Sender<bool>,
     renewer: Option<JoinHandle<RenewState>>,
-    _lock: NodeLock,
+    lock: NodeLock,
     /// What recovery needs to run again later (`recover_again`).
     identity: NodeIdentity,
     state_dir: PathBuf,
@@ -125,7 +125,7 @@ impl SessionLease {
             recovery: RecoveryReport::default(),
             stop,
             renewer: Some(renewer),
-            _lock: lock,
+            lock,
             identity: identity.clone(),
             state_dir: state_dir.to_path_buf(),
             survives: options.data_path_survives.clone(),
@@ -281,7 +281,12 @@ impl SessionLease {
                 Ok(()) | Err(StoreError::Conflict { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
+            // Its record is gone: nothing is left for a successor to prove.
+            self.lock.remove_file();
         }
+        // Otherwise the record stays, and so does the lock file: the next instance on
+        // this node proves this one dead by taking its flock, and frees its claims then
+        // rather than at their expiry.
         Ok(())
     }
 }
