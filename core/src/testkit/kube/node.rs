@@ -75,6 +75,8 @@ pub const MACHINE_LOCK: &str = "/run/holdfast-test-kubelet-node.lock";
 /// The control plane's `--service-cluster-ip-range` and its `kubernetes` Service.
 const SERVICE_RANGE: &str = "10.0.0.0/24";
 const KUBERNETES_SERVICE: &str = "10.0.0.1:443";
+/// Where kubelet 1.20 writes the pods' container logs (not configurable).
+const POD_LOGS_DIR: &str = "/var/log/pods";
 
 /// How to start a [`KubeletNode`].
 #[derive(Clone, Debug)]
@@ -115,10 +117,12 @@ pub struct KubeletNode {
     kubelet: Option<Child>,
     /// What existed before the node started, so that drop removes only its own.
     netns_before: BTreeSet<String>,
+    /// Pod log directories (`/var/log/pods`, fixed in kubelet 1.20) before the node.
+    pod_logs_before: BTreeSet<String>,
     cgroups_before: BTreeSet<PathBuf>,
     bridge_made: bool,
     /// Forwards the `kubernetes` Service to the API server.
-    service_proxy: Option<tokio::task::JoinHandle<()>>,
+    service_proxy: Option<ServiceProxy>,
     /// Time from starting the kubelet to the Node's Ready condition.
     pub ready_after: Duration,
 }
@@ -180,6 +184,7 @@ impl KubeletNode {
             containerd: None,
             kubelet: None,
             netns_before: list_dir(Path::new(NETNS_DIR)),
+            pod_logs_before: list_dir(Path::new(POD_LOGS_DIR)),
             cgroups_before: kubepods_cgroups(),
             bridge_made: false,
             service_proxy: None,
@@ -336,19 +341,43 @@ impl KubeletNode {
                 &self.options.bridge,
             ],
         );
-        let listener = tokio::net::TcpListener::bind(service)
-            .await
+        let listener = std::net::TcpListener::bind(service)
             .unwrap_or_else(|e| panic!("listening on {service}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
         let apiserver = std::net::SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), plane.port());
-        self.service_proxy = Some(tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(apiserver).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+        // On a thread and runtime of its own: a test's runtime has two workers, which a
+        // test's blocking calls (kubectl, file reads) can both hold for seconds; the pods'
+        // API connections, and the leader elections riding on them, would stall with it.
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("the service proxy's runtime");
+            runtime.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+                let accept = async {
+                    while let Ok((mut inbound, _)) = listener.accept().await {
+                        tokio::spawn(async move {
+                            if let Ok(mut outbound) =
+                                tokio::net::TcpStream::connect(apiserver).await
+                            {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound)
+                                    .await;
+                            }
+                        });
                     }
-                });
-            }
-        }));
+                };
+                tokio::select! {
+                    _ = accept => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        self.service_proxy = Some(ServiceProxy { stop, thread });
     }
 
     async fn start_containerd(&mut self) {
@@ -573,10 +602,17 @@ clusterDomain: cluster.local
     }
 }
 
+/// The `kubernetes` Service's forwarder (see the module docs), and how to stop it.
+struct ServiceProxy {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
 impl Drop for KubeletNode {
     fn drop(&mut self) {
         if let Some(proxy) = self.service_proxy.take() {
-            proxy.abort();
+            let _ = proxy.stop.send(());
+            let _ = proxy.thread.join();
         }
         if let Some(mut child) = self.kubelet.take() {
             let _ = child.kill();
@@ -596,6 +632,11 @@ impl Drop for KubeletNode {
             let _ = Command::new("ip")
                 .args(["link", "delete", &self.options.bridge])
                 .status();
+        }
+        // The pods' container logs this node's kubelet wrote (it removes them only for
+        // pods it saw deleted while running).
+        for name in list_dir(Path::new(POD_LOGS_DIR)).difference(&self.pod_logs_before) {
+            let _ = fs::remove_dir_all(Path::new(POD_LOGS_DIR).join(name));
         }
         // Every mount under the node's directories, deepest first (pods' volumes and
         // secrets under the kubelet root, container root filesystems under containerd's).
