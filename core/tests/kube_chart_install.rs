@@ -404,7 +404,6 @@ async fn examples_write_through_fuse_into_the_backend(
         kubeconfig: plane.kubeconfig(&Identity::Admin),
     };
     lock::lock_through_kubernetes(&kubectl, client.clone(), node, &log).await;
-    lock::killed_plugin_pod(&kubectl, client.clone(), node, &log).await;
     let moved = other_node::moved_to_another_node(
         &kubectl,
         client.clone(),
@@ -420,6 +419,7 @@ async fn examples_write_through_fuse_into_the_backend(
          attach was granted at {:?}",
         moved.refused_message, moved.eio_after_taint, moved.granted_after_taint
     );
+    lock::killed_plugin_pod(&kubectl, client.clone(), node, &log).await;
 
     let statefulsets: kube::Api<StatefulSet> = kube::Api::namespaced(client.clone(), "default");
     statefulsets
@@ -437,8 +437,10 @@ async fn examples_write_through_fuse_into_the_backend(
     while volume_dir.exists() {
         assert!(
             Instant::now() < deadline,
-            "{} still there 90 s after its PVC was deleted",
-            volume_dir.display()
+            "{} still there 90 s after its PVC was deleted\n{}",
+            volume_dir.display(),
+            kubectl.run(&["get", "volumeattachments,pv,pvc,pods", "-A", "-o", "wide"])
+                + &other_node::controller_pod_logs()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -242,9 +242,9 @@ pub async fn killed_plugin_pod(
         .unwrap()
         .items
         .into_iter()
-        .next()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.name()))
         .and_then(|p| p.metadata.name)
-        .expect("the node plugin's pod");
+        .expect("the node plugin's pod on the kubelet node");
     let old = pod_uid(&pods, "db-0").await.expect("db-0 runs");
     let before = lines(log).len();
     let killed = Instant::now();

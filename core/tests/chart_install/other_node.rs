@@ -237,6 +237,11 @@ pub async fn moved_to_another_node(
         .volume_name
         .expect("bound");
 
+    // The controller pod runs on the node about to go silent, and a silent kubelet
+    // restarts none of its containers: start only once its attacher is up and leading
+    // (its leader Lease renewed within the last 5 s).
+    controller_settled(&client).await;
+
     // The zombie: kubelet silent, pods running; Kubernetes is told the pod is gone.
     kubectl.run(&["cordon", node.name()]);
     let zombie = pods.get("db-0").await.unwrap().metadata.uid.unwrap();
@@ -429,11 +434,10 @@ pub async fn moved_to_another_node(
     );
     unpublish(&plugin.socket, &pv_object(&client, &pv).await, &target).await;
 
-    // Back to one healthy node: the moved pod goes, the old node wakes and is unfenced.
-    pods.delete("db-0", &DeleteParams::default().grace_period(0))
-        .await
-        .unwrap();
-    other.remove().await;
+    // Back to one healthy node: the old node wakes and is unfenced, then the moved pod
+    // goes and the StatefulSet's next one lands there (the other node is cordoned). The
+    // other node is removed only once its attachment is gone: its detach needs it and
+    // its plugin, and a PV with an attachment left is never deleted.
     node.resume_kubelet();
     kubectl.run(&[
         "taint",
@@ -445,10 +449,89 @@ pub async fn moved_to_another_node(
     // starts a new one (or an admin lifts it, as here).
     controller_cli(controller_bin, kubectl, &["unfence", "--node", node.name()]);
     kubectl.run(&["uncordon", node.name()]);
+    kubectl.run(&["cordon", &other.name]);
+    pods.delete("db-0", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = vas
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .any(|va| va.spec.node_name == other.name);
+        if !left {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other node's attachment is not gone 120 s after its pod\n{}{}\n{}",
+            kubectl.run(&["get", "volumeattachments,nodes,pods", "-A", "-o", "wide"]),
+            kubectl.run(&["describe", "volumeattachments"]),
+            controller_pod_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    other.remove().await;
+    // The StatefulSet's pod writes again on the old node.
+    let moved_line = lines(log);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while lines(log) <= moved_line {
+        assert!(
+            Instant::now() < deadline,
+            "db-0 not writing again on {} within 120 s\n{}",
+            node.name(),
+            kubectl.run(&["get", "volumeattachments,nodes,pods", "-A", "-o", "wide"])
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     Moved {
         refused_message: refused,
         granted_after_taint,
         eio_after_taint,
+    }
+}
+
+/// Waits (up to 120 s) until every container of the controller pod is ready and the
+/// attacher's leader Lease was renewed within the last 5 s.
+async fn controller_settled(client: &kube::Client) {
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), "holdfast");
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), "holdfast");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ready = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/component=controller"))
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .is_some_and(|c| c.iter().all(|c| c.ready))
+            });
+        let renewed = leases
+            .get_opt("external-attacher-leader-holdfast-csi-dev")
+            .await
+            .unwrap()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.renew_time)
+            .is_some_and(|t| {
+                let age = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+                age.as_secs() < 5
+            });
+        if ready && renewed {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the controller pod did not settle within 120 s\n{}",
+            controller_pod_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -527,7 +610,7 @@ async fn unpublish(
 
 /// The last lines of every container log (all restarts) of the chart's controller pods
 /// on the kubelet node: why a VolumeAttachment is not acted on shows there.
-fn controller_pod_logs() -> String {
+pub fn controller_pod_logs() -> String {
     let mut text = String::new();
     let Ok(pods) = std::fs::read_dir("/var/log/pods") else {
         return text;
