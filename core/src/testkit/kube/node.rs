@@ -75,6 +75,8 @@ pub const MACHINE_LOCK: &str = "/run/holdfast-test-kubelet-node.lock";
 /// The control plane's `--service-cluster-ip-range` and its `kubernetes` Service.
 const SERVICE_RANGE: &str = "10.0.0.0/24";
 const KUBERNETES_SERVICE: &str = "10.0.0.1:443";
+/// The bridge's own (locally administered) MAC address.
+const BRIDGE_MAC: &str = "02:68:66:00:00:01";
 /// Where kubelet 1.20 writes the pods' container logs (not configurable).
 const POD_LOGS_DIR: &str = "/var/log/pods";
 
@@ -283,7 +285,16 @@ impl KubeletNode {
 
     fn make_bridge(&mut self) {
         let bridge = &self.options.bridge;
-        run("ip", &["link", "add", bridge, "type", "bridge"]);
+        // A fixed address: a bridge without one takes the lowest of its ports' and changes
+        // it as pods come and go, and every pod's (and the host's) ARP entry for it goes
+        // stale until it expires: tens of seconds in which the pods lose the API server
+        // and kubelet loses their probes.
+        run(
+            "ip",
+            &[
+                "link", "add", bridge, "address", BRIDGE_MAC, "type", "bridge",
+            ],
+        );
         self.bridge_made = true;
         run(
             "ip",
