@@ -27,8 +27,9 @@
 //!   `Bidirectional` mounts reach the host.
 //! - **CNI**: one `bridge` + `host-local` network with `isGateway: false` and
 //!   `ipMasq: false`: no iptables rules and no forwarding on the host. The harness
-//!   creates the bridge and puts the node's address on it; pods reach each other and the
-//!   host, nothing else. There is no kube-proxy, so ClusterIP Services do not forward.
+//!   creates the bridge, with a MAC address of its own (else it follows its ports', and
+//!   every ARP entry for the node goes stale when a pod comes or goes), and puts the
+//!   node's address on it; pods reach each other and the host, nothing else. There is no kube-proxy, so ClusterIP Services do not forward.
 //! - **The `kubernetes` Service**: pods configure their API clients from
 //!   `KUBERNETES_SERVICE_HOST` (`10.0.0.1:443`, the first address of the control
 //!   plane's service range), and there is no kube-proxy to forward it. The harness puts
