@@ -211,8 +211,26 @@ async fn refused_while_the_holder_renews_granted_once_it_stops_for_the_bound() {
 
     // n1 stops renewing (its record stays, as after a crash or partition). Meanwhile
     // this test reads n1's session itself, to know when its last version was written.
+    // It stops only once this reader has seen it renew: a version read before the last
+    // one is what dates the last renewal below.
     let (readings, watching) = watch_session(cluster.store.clone(), n1.key());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let watch_start = Instant::now();
+    loop {
+        let versions: std::collections::BTreeSet<_> = readings
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, v)| v.clone())
+            .collect();
+        if versions.len() >= 2 {
+            break;
+        }
+        assert!(
+            watch_start.elapsed() < Duration::from_secs(10),
+            "n1 never renewed while watched"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(n1);
     let stopped = Instant::now();
     let granted_at = loop {
