@@ -203,7 +203,10 @@ pub async fn lock_through_kubernetes(
             volume_lines[start..].join("\n")
         );
     }
-    assert!(back < Duration::from_secs(45), "hand-back took {back:?}");
+    // Bounded loosely: past the plugin's part (2–10 s in most runs), this hand-back is
+    // kubelet and the attach/detach controller dropping the volume from the node when
+    // `reader` goes and attaching it again for db-0; one CI run took 49 s there.
+    assert!(back < Duration::from_secs(90), "hand-back took {back:?}");
     assert_single_writer(log, before);
 }
 
